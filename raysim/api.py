@@ -1,0 +1,124 @@
+"""``raysim.run``: one federated run, from scenario to run directory."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from raysim import cluster
+from raysim.errors import RaysimError, ScenarioError
+from raysim.fleet import prepare_fleet
+from raysim.metrics import write_json
+from raysim.scenario import Scenario, load_scenario
+
+ProgressCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_dir: Path
+    metrics: pa.Table  # one row per round
+    global_weights: np.ndarray  # flat float32, the model's stable layout
+    summary: dict[str, Any]
+
+
+def default_cache_dir() -> Path:
+    """Where generated fleets are cached (``RAYSIM_CACHE`` overrides)."""
+    return Path(os.environ.get("RAYSIM_CACHE", Path.home() / ".cache" / "raysim"))
+
+
+def default_run_dir(scenario: Scenario) -> Path:
+    return Path("runs") / f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run(
+    scenario: Scenario | str | Path | dict[str, Any],
+    out_dir: str | Path | None = None,
+    address: str | None = None,
+    *,
+    progress: ProgressCallback | None = None,
+) -> RunResult:
+    """Run a scenario end to end and return its results.
+
+    Everything that can be checked is checked before the run directory is
+    created, so bad input never leaves a half-written run behind. Without an
+    ``address`` a local Ray instance sized to the machine is started (or the
+    one already initialized in this process is used); with one, raysim
+    connects to that cluster. ``progress`` is called with each round's row.
+    """
+    if not isinstance(scenario, Scenario):
+        scenario = load_scenario(scenario)
+    run_dir = Path(out_dir) if out_dir is not None else default_run_dir(scenario)
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise ScenarioError(f"run directory {run_dir} already exists and is not empty; choose another --out.")
+    fleet = prepare_fleet(scenario, default_cache_dir())
+
+    started_ray = cluster.connect(address)
+    created: list[Any] = []
+    made_dir = False
+    try:
+        placement = cluster.plan_placement(scenario, cluster.cluster_resources())
+        run_dir.mkdir(parents=True, exist_ok=True)
+        made_dir = True
+        (run_dir / "scenario.yaml").write_text(scenario.to_yaml())
+        result = _drive(scenario, fleet, placement, run_dir, created, progress)
+    except RaysimError:
+        if made_dir:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    finally:
+        for handle in created:
+            with contextlib.suppress(Exception):
+                ray.kill(handle)
+        if started_ray:
+            ray.shutdown()
+    return result
+
+
+def _drive(scenario, fleet, placement, run_dir: Path, created: list, progress) -> RunResult:
+    from raysim.client import ClientActor
+    from raysim.coordinator import Coordinator
+
+    shards = placement.shards(len(fleet.profiles))
+    options = {"num_cpus": placement.num_cpus, "num_gpus": placement.num_gpus}
+    actors = []
+    for shard in shards:
+        actor = ClientActor.options(**options).remote(scenario, fleet, fleet.profiles.sensor_id[shard])
+        created.append(actor)
+        actors.append(actor)
+    # The coordinator mostly waits on client actors; it reserves no CPU so they get them all.
+    coordinator = Coordinator.options(num_cpus=0).remote(scenario, fleet, actors, shards, str(run_dir))
+    created.append(coordinator)
+    for _ in range(scenario.training.rounds):
+        row = ray.get(coordinator.step.remote())
+        if progress is not None:
+            progress(row)
+    final = ray.get(coordinator.finish.remote())
+    summary = {
+        "name": scenario.name,
+        "seed": scenario.seed,
+        "sensors": scenario.fleet.sensors,
+        "cohort": scenario.aggregation.cohort,
+        "model": scenario.model.name,
+        "parameters": int(final["weights"].size),
+        "client_actors": placement.client_actors,
+        "sensors_per_actor": placement.sensors_per_actor,
+        **final["summary"],
+    }
+    write_json(summary, run_dir / "summary.json")
+    return RunResult(
+        run_dir=run_dir,
+        metrics=pq.read_table(run_dir / "metrics.parquet"),
+        global_weights=np.asarray(final["weights"], dtype=np.float32),
+        summary=summary,
+    )

@@ -1,0 +1,199 @@
+"""The ``raysim`` command: run, validate and report on scenarios.
+
+Any :class:`RaysimError` becomes a one-paragraph message on stderr and exit
+status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, Sequence
+
+from raysim.errors import RaysimError, ScenarioError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except RaysimError as exc:
+        message = textwrap.fill(str(exc), width=100, subsequent_indent="  ", break_on_hyphens=False)
+        print(f"raysim: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("raysim: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raysim", description="Federated-learning simulation over sensor fleets, on Ray.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run a scenario end to end")
+    run.add_argument("scenario", help="scenario YAML file")
+    run.add_argument("--out", metavar="RUN_DIR", help="run directory to create (default runs/<name>-<timestamp>)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="a.b=value",
+                     help="override a scenario key, e.g. --set training.rounds=3 (repeatable)")
+    run.add_argument("--address", help="existing Ray cluster to run on (auto, ray://HOST:10001, HOST:PORT)")
+    run.set_defaults(handler=_run)
+
+    validate = commands.add_parser("validate", help="load and validate a scenario, print it resolved")
+    validate.add_argument("scenario")
+    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="a.b=value")
+    validate.add_argument("--quiet", action="store_true", help="print nothing on success")
+    validate.set_defaults(handler=_validate)
+
+    report = commands.add_parser("report", help="summarize a finished run directory")
+    report.add_argument("run_dir")
+    report.set_defaults(handler=_report)
+    return parser
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from raysim.scenario import load_scenario
+
+    scenario = load_scenario(args.scenario, args.overrides)
+    if not args.quiet:
+        print(scenario.to_yaml(), end="")
+        print(f"# {args.scenario}: valid", file=sys.stderr)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from raysim.api import run
+    from raysim.scenario import load_scenario
+
+    scenario = load_scenario(args.scenario, args.overrides)
+    with _Progress(scenario.training.rounds, enabled=scenario.logging.progress) as bar:
+        result = run(scenario, out_dir=args.out, address=args.address, progress=bar.update)
+    _print_summary(result.summary, result.run_dir)
+    return 0
+
+
+class _Progress:
+    """A live bar: rounds done, last accuracy, sensor updates per wall-clock second."""
+
+    def __init__(self, rounds: int, enabled: bool) -> None:
+        self.rounds = rounds
+        self.enabled = enabled
+        self.bar = None
+        self.accuracy = float("nan")
+
+    def __enter__(self) -> "_Progress":
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(
+                TextColumn("round"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[status]}"),
+                TimeElapsedColumn(), transient=False,
+            )
+            self.bar.start()
+            self.task = self.bar.add_task("run", total=self.rounds, status="starting Ray and client actors")
+        return self
+
+    def update(self, row: dict[str, Any]) -> None:
+        if not math.isnan(row["accuracy"]):
+            self.accuracy = row["accuracy"]
+        if self.bar is not None:
+            status = (f"accuracy {self.accuracy:.3f}  {row['updates_per_s']:,.0f} updates/s  "
+                      f"virtual {row['virtual_time_s']:,.0f} s")
+            self.bar.update(self.task, completed=row["round"], status=status)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
+    from rich.console import Console
+
+    console = Console()
+    console.print(_summary_table(summary))
+    console.print(f"run directory: {run_dir}\nTensorBoard:   tensorboard --logdir {run_dir / 'tb'}")
+
+
+def _summary_table(summary: dict[str, Any]):
+    from rich.table import Table
+
+    table = Table(title=f"raysim run: {summary.get('name', '')}", show_header=False)
+    table.add_column("figure", style="bold")
+    table.add_column("value", justify="right")
+    rows = [
+        ("sensors / cohort", f"{summary.get('sensors', '?'):,} / {summary.get('cohort', '?'):,}"),
+        ("model", f"{summary.get('model', '?')} ({summary.get('parameters', 0):,} parameters)"),
+        ("client actors × sensors each", f"{summary.get('client_actors', '?')} × {summary.get('sensors_per_actor', '?')}"),
+        ("rounds", f"{summary.get('rounds', 0)}"),
+        ("accuracy: first → final (best)", _accuracy_text(summary)),
+        ("final test loss", _fmt(summary.get("final_loss"), ".4f")),
+        ("updates applied / dropped", f"{summary.get('updates_applied', 0):,} / {summary.get('updates_dropped', 0):,}"),
+        ("bytes up / down", f"{_bytes(summary.get('bytes_up'))} / {_bytes(summary.get('bytes_down'))}"),
+        ("virtual time", _fmt(summary.get("virtual_time_s"), ",.1f", " s")),
+        ("wall time", _fmt(summary.get("wall_time_s"), ",.1f", " s")),
+        ("throughput", _fmt(summary.get("updates_per_s"), ",.0f", " sensor updates/s")),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+def _accuracy_text(summary: dict[str, Any]) -> str:
+    if "final_accuracy" not in summary:
+        return "not evaluated"
+    return (f"{summary['first_accuracy']:.3f} → {summary['final_accuracy']:.3f} "
+            f"({summary['best_accuracy']:.3f} at round {summary['best_accuracy_round']})")
+
+
+def _fmt(value: Any, spec: str, unit: str = "") -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:{spec}}{unit}"
+
+
+def _bytes(value: Any) -> str:
+    if value is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:,.1f} {unit}" if unit != "B" else f"{value} B"
+        value /= 1000
+    return str(value)
+
+
+def _report(args: argparse.Namespace) -> int:
+    import pyarrow.parquet as pq
+    from rich.console import Console
+    from rich.table import Table
+
+    run_dir = Path(args.run_dir)
+    summary_path = run_dir / "summary.json"
+    metrics_path = run_dir / "metrics.parquet"
+    for path in (summary_path, metrics_path):
+        if not path.is_file():
+            raise ScenarioError(f"{run_dir} is not a finished raysim run directory: {path.name} is missing.")
+    try:
+        summary = json.loads(summary_path.read_text())
+        metrics = pq.read_table(metrics_path).to_pylist()
+    except (ValueError, OSError) as exc:
+        raise ScenarioError(f"{run_dir}: cannot read the run's outputs ({exc}).") from None
+    console = Console()
+    console.print(_summary_table(summary))
+    rounds = Table(title="per round")
+    for name in ("round", "virtual time s", "accuracy", "loss", "applied", "dropped", "bytes up", "updates/s"):
+        rounds.add_column(name, justify="right")
+    step = max(1, math.ceil(len(metrics) / 25))
+    shown = metrics[::step] + ([metrics[-1]] if (len(metrics) - 1) % step else [])
+    for row in shown:
+        rounds.add_row(
+            str(row["round"]), f"{row['virtual_time_s']:,.1f}", _fmt(row["accuracy"], ".4f"), _fmt(row["loss"], ".4f"),
+            str(row["updates_applied"]), str(row["updates_dropped"]), _bytes(row["bytes_up"]), f"{row['updates_per_s']:,.0f}",
+        )
+    console.print(rounds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

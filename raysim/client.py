@@ -1,0 +1,70 @@
+"""ClientActor: a Ray actor hosting a shard of sensors and training them.
+
+Each actor reads its own sensors' data from the fleet's Parquet file once, at
+start, and keeps it. One remote call per round trains every sensor of the
+round's cohort that it hosts, against one shared copy of the global weights.
+The training itself lives in :mod:`raysim.training`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from raysim.fleet import FleetData, preprocess, store
+from raysim.models import ParamLayout, build_model
+from raysim.scenario import Scenario
+from raysim.streams import TRAIN, stream
+from raysim.training import LocalTraining, batch_plan, train_reference, train_vectorized
+
+
+@ray.remote
+class ClientActor:
+    """Hosts ``sensor_ids`` of the fleet; created with the scenario's num_cpus / num_gpus."""
+
+    def __init__(self, scenario: Scenario, fleet: FleetData, sensor_ids: np.ndarray) -> None:
+        threads = max(1, int(scenario.cluster.num_cpus))
+        torch.set_num_threads(threads)
+        self.scenario = scenario
+        self.local = LocalTraining.from_scenario(scenario.training)
+        self.model = build_model(scenario.model, fleet.channels, fleet.window, fleet.classes)
+        self.layout = ParamLayout.of(self.model)
+        prep = scenario.fleet.data.preprocess
+        loaded = store.read_sensors(fleet.train_path, np.asarray(sensor_ids))
+        self.data = {sid: (preprocess.apply(x, prep), y) for sid, (x, y) in loaded.items()}
+
+    def sensors(self) -> list[int]:
+        return sorted(self.data)
+
+    def placement(self) -> dict[str, Any]:
+        """Where Ray put this actor: node and accelerator ids (for placement checks)."""
+        context = ray.get_runtime_context()
+        return {
+            "node_id": context.get_node_id(),
+            "gpu_ids": [str(g) for g in context.get_accelerator_ids().get("GPU", [])],
+            "sensors": len(self.data),
+        }
+
+    def train(self, round_index: int, sensor_ids: np.ndarray, global_weights: np.ndarray) -> dict[str, np.ndarray]:
+        """Train the given hosted sensors from ``global_weights``; one call per round."""
+        started = time.perf_counter()
+        seed = self.scenario.seed
+        datasets = [self.data[int(sid)] for sid in sensor_ids]
+        plans = [
+            batch_plan(len(y), self.local.epochs, self.local.batch_size, stream(seed, TRAIN, int(sid), round_index))
+            for sid, (_, y) in zip(sensor_ids, datasets)
+        ]
+        trainer = train_vectorized if self.scenario.training.vectorized else train_reference
+        result = trainer(self.model, self.layout, global_weights, datasets, plans, self.local)
+        return {
+            "sensor_id": np.asarray(sensor_ids, dtype=np.int64),
+            "updates": result.updates,
+            "num_samples": np.array([len(y) for _, y in datasets], dtype=np.int64),
+            "train_loss": result.train_loss,
+            "steps": result.steps,
+            "busy_s": np.float64(time.perf_counter() - started),
+        }

@@ -1,0 +1,101 @@
+"""Ray start-up and connection, and placement of client actors.
+
+Placement is decided on the driver, before any actor starts, and checked
+against what the cluster has: a request the cluster can never satisfy is a
+:class:`ClusterError` now rather than an actor that waits forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+
+from raysim.errors import ClusterError
+from raysim.scenario import Scenario
+
+
+def connect(address: str | None = None) -> bool:
+    """Make sure Ray is running; return True if this call started it (and so must stop it).
+
+    Without an address and with no Ray already initialized in this process, a
+    local instance sized to the machine is started.
+    """
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "configure_logging": True}
+    try:
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = f"the Ray cluster at {address!r}" if address else "a local Ray instance"
+        raise ClusterError(f"could not connect to {where}: {exc}") from None
+    return True
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How the fleet is spread: contiguous blocks of sensor positions per client actor."""
+
+    client_actors: int
+    sensors_per_actor: int
+    num_cpus: float
+    num_gpus: float
+
+    def shards(self, sensors: int) -> list[np.ndarray]:
+        return [
+            np.arange(start, min(start + self.sensors_per_actor, sensors))
+            for start in range(0, sensors, self.sensors_per_actor)
+        ]
+
+
+def plan_placement(scenario: Scenario, resources: dict[str, float]) -> Placement:
+    """Resolve ``cluster.client_actors`` / ``sensors_per_actor`` ('auto' included) against the cluster."""
+    section = scenario.cluster
+    sensors = scenario.fleet.sensors
+    cpus = float(resources.get("CPU", 0))
+    gpus = float(resources.get("GPU", 0))
+    if section.sensors_per_actor != "auto":
+        per_actor = section.sensors_per_actor
+        actors = math.ceil(sensors / per_actor)
+    else:
+        if section.client_actors != "auto":
+            actors = section.client_actors
+        else:
+            # As many actors as the cluster can run at once, one per whole share it offers.
+            actors = max(1, int(cpus // section.num_cpus + 1e-9))
+            if section.num_gpus > 0:
+                actors = min(actors, max(1, int(gpus // section.num_gpus + 1e-9)))
+        actors = min(actors, sensors)
+        per_actor = math.ceil(sensors / actors)
+        actors = math.ceil(sensors / per_actor)
+    placement = Placement(actors, per_actor, section.num_cpus, section.num_gpus)
+    _check_fits(placement, cpus, gpus, scenario.source)
+    return placement
+
+
+def _check_fits(placement: Placement, cpus: float, gpus: float, source: str) -> None:
+    need_cpu = placement.client_actors * placement.num_cpus
+    need_gpu = placement.client_actors * placement.num_gpus
+    if need_cpu > cpus + 1e-9:
+        raise ClusterError(
+            f"{source}: {placement.client_actors} client actors × cluster.num_cpus {placement.num_cpus:g} = "
+            f"{need_cpu:g} CPUs, but the Ray cluster has {cpus:g}. Lower cluster.num_cpus (fractions are fine, "
+            f"e.g. {max(cpus / placement.client_actors, 0.001):.3g}) or raise cluster.sensors_per_actor."
+        )
+    if need_gpu > gpus + 1e-9:
+        raise ClusterError(
+            f"{source}: {placement.client_actors} client actors × cluster.num_gpus {placement.num_gpus:g} = "
+            f"{need_gpu:g} GPUs, but the Ray cluster has {gpus:g}. Lower cluster.num_gpus or use fewer actors."
+        )
+
+
+def cluster_resources() -> dict[str, float]:
+    return dict(ray.cluster_resources())

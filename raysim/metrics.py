@@ -1,0 +1,163 @@
+"""What a run records: metrics.parquet, events.parquet, TensorBoard, summary.json.
+
+The coordinator feeds one :class:`RunRecorder` a row per round and a batch of
+per-sensor task rows; TensorBoard gets the same numbers as the Parquet files.
+Files are written atomically (temporary file, then rename).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+METRICS_SCHEMA = pa.schema(
+    [
+        ("round", pa.int64()),
+        ("virtual_time_s", pa.float64()),
+        ("round_duration_s", pa.float64()),
+        ("wall_time_s", pa.float64()),
+        ("accuracy", pa.float64()),
+        ("loss", pa.float64()),
+        ("train_loss", pa.float64()),
+        ("updates_applied", pa.int64()),
+        ("updates_dropped", pa.int64()),
+        ("bytes_up", pa.int64()),
+        ("bytes_down", pa.int64()),
+        ("cumulative_bytes_up", pa.int64()),
+        ("cumulative_bytes_down", pa.int64()),
+        ("updates_per_s", pa.float64()),
+    ]
+)
+
+EVENTS_SCHEMA = pa.schema(
+    [
+        ("sensor", pa.int64()),
+        ("round", pa.int64()),
+        ("tier", pa.string()),
+        ("dispatched_at", pa.float64()),
+        ("download_s", pa.float64()),
+        ("compute_s", pa.float64()),
+        ("upload_s", pa.float64()),
+        ("arrived_at", pa.float64()),
+        ("outcome", pa.string()),
+        ("staleness", pa.int64()),
+        ("num_samples", pa.int64()),
+        ("local_steps", pa.int64()),
+        ("train_loss", pa.float64()),
+        ("bytes_up", pa.int64()),
+        ("bytes_down", pa.int64()),
+    ]
+)
+
+# Columns that depend on the host machine, not on the simulation.
+WALL_CLOCK_COLUMNS = ("wall_time_s", "updates_per_s")
+
+# TensorBoard tags (the curves a user looks at) and the metrics columns they plot.
+TB_BY_ROUND = {
+    "accuracy": "accuracy",
+    "loss": "loss",
+    "train_loss": "train_loss",
+    "updates_applied": "updates_applied",
+    "updates_dropped": "updates_dropped",
+    "bytes_up": "bytes_up",
+    "bytes_down": "bytes_down",
+    "virtual_time_s": "virtual_time_s",
+    "updates_per_s": "throughput/updates_per_s",
+}
+TB_BY_VIRTUAL_TIME = {"accuracy": "by_virtual_time_ms/accuracy", "loss": "by_virtual_time_ms/loss"}
+
+
+class RunRecorder:
+    """Collects a run's rows and writes them to the run directory."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool) -> None:
+        self.run_dir = Path(run_dir)
+        self.metrics: list[dict[str, Any]] = []
+        self.events: list[pa.RecordBatch] = []
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(self.run_dir / "tb"), flush_secs=10)
+
+    def record_round(self, row: dict[str, Any], events: dict[str, np.ndarray]) -> None:
+        self.metrics.append(row)
+        self.events.append(pa.RecordBatch.from_pydict(events, schema=EVENTS_SCHEMA))
+        if self.tb is None:
+            return
+        step = int(row["round"])
+        for column, tag in TB_BY_ROUND.items():
+            value = row[column]
+            if value is not None and not (isinstance(value, float) and math.isnan(value)):
+                self.tb.add_scalar(f"round/{tag}", value, step)
+        virtual_ms = int(round(row["virtual_time_s"] * 1000))
+        for column, tag in TB_BY_VIRTUAL_TIME.items():
+            value = row[column]
+            if value is not None and not math.isnan(value):
+                self.tb.add_scalar(tag, value, virtual_ms)
+
+    def metrics_table(self) -> pa.Table:
+        return pa.Table.from_pylist(self.metrics, schema=METRICS_SCHEMA)
+
+    def events_table(self) -> pa.Table:
+        return pa.Table.from_batches(self.events, schema=EVENTS_SCHEMA)
+
+    def write(self) -> None:
+        """Write metrics.parquet and events.parquet as they stand (atomically)."""
+        write_parquet(self.metrics_table(), self.run_dir / "metrics.parquet")
+        write_parquet(self.events_table(), self.run_dir / "events.parquet")
+        if self.tb is not None:
+            self.tb.flush()
+
+    def close(self) -> None:
+        self.write()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def write_parquet(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def write_json(data: dict[str, Any], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def summarize(metrics: pa.Table) -> dict[str, Any]:
+    """Headline figures of a run from its metrics table."""
+    columns = metrics.to_pydict()
+    rounds = len(columns["round"])
+    if rounds == 0:
+        return {"rounds": 0}
+    evaluated = [(r, a, l) for r, a, l in zip(columns["round"], columns["accuracy"], columns["loss"]) if a is not None and not math.isnan(a)]
+    applied = sum(columns["updates_applied"])
+    wall = columns["wall_time_s"][-1]
+    summary: dict[str, Any] = {
+        "rounds": rounds,
+        "virtual_time_s": columns["virtual_time_s"][-1],
+        "wall_time_s": wall,
+        "updates_applied": applied,
+        "updates_dropped": sum(columns["updates_dropped"]),
+        "bytes_up": columns["cumulative_bytes_up"][-1],
+        "bytes_down": columns["cumulative_bytes_down"][-1],
+        "updates_per_s": applied / wall if wall > 0 else None,
+    }
+    if evaluated:
+        summary["first_accuracy"] = evaluated[0][1]
+        summary["final_accuracy"] = evaluated[-1][1]
+        summary["final_loss"] = evaluated[-1][2]
+        best = max(evaluated, key=lambda item: item[1])
+        summary["best_accuracy"] = best[1]
+        summary["best_accuracy_round"] = best[0]
+    return summary

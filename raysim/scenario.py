@@ -1,0 +1,424 @@
+"""Scenario schema, YAML loading, ``--set`` overrides and validation errors.
+
+A scenario is one YAML file describing a whole run. It is loaded into frozen,
+typed pydantic models with every default filled in, and validated completely
+before Ray starts: any problem becomes a :class:`ScenarioError` naming the file,
+the field path and what was expected.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
+
+from raysim.errors import ScenarioError
+from raysim.models import MODELS
+from raysim.strategies import STRATEGIES
+
+
+class Frozen(BaseModel):
+    """Base of every scenario section: immutable, and unknown keys are errors."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --------------------------------------------------------------------------- fleet
+
+
+class Preprocess(Frozen):
+    """Steps a sensor pipeline applies to its windows before training and evaluation."""
+
+    smoothing_window: PositiveInt = 1  # moving-average length in samples; 1 = no smoothing
+    zscore: bool = False  # per-sensor, per-channel z-score normalization (stats of that sensor's own data)
+
+
+class FeatureSkew(Frozen):
+    """Per-sensor feature heterogeneity: each sensor draws its own calibration."""
+
+    gain_sigma: NonNegativeFloat = 0.15  # per-channel gain = exp(N(0, gain_sigma))
+    bias_sigma: NonNegativeFloat = 0.2  # per-channel additive bias ~ N(0, bias_sigma)
+    rotation_deg: NonNegativeFloat = 15.0  # axis rotation of each channel triple, angle ~ U(-r, r) per axis
+    noise_min: NonNegativeFloat = 0.1  # per-sensor noise level ~ U(noise_min, noise_max)
+    noise_max: NonNegativeFloat = 0.4
+
+    @model_validator(mode="after")
+    def _noise_range(self) -> "FeatureSkew":
+        if self.noise_max < self.noise_min:
+            raise ValueError("noise_max must be at least noise_min")
+        return self
+
+
+class SyntheticData(Frozen):
+    """Seeded human-activity-like windows: class-specific sinusoid mixtures plus coloured noise."""
+
+    kind: Literal["synthetic"] = "synthetic"
+    classes: Annotated[int, Field(ge=2, le=1000)] = 6
+    channels: Annotated[int, Field(ge=1, le=1024)] = 6
+    window: Annotated[int, Field(ge=4, le=100_000)] = 32
+    samples_per_sensor: PositiveInt = 64  # median samples per sensor
+    quantity_sigma: NonNegativeFloat = 0.5  # lognormal σ of per-sensor sample counts; 0 = all equal
+    min_samples: PositiveInt = 4  # floor of a sensor's sample count
+    label_alpha: PositiveFloat = 0.5  # α of the per-sensor Dirichlet(α·1) class proportions
+    feature_skew: FeatureSkew = FeatureSkew()
+    test_sensors: PositiveInt = 50  # unseen sensors that make up the held-out test set
+    test_samples: PositiveInt = 2000  # held-out samples, class-balanced
+    preprocess: Preprocess = Preprocess()
+
+
+class ParquetData(Frozen):
+    """The user's own sensor data, in raysim's Parquet schema (see README)."""
+
+    kind: Literal["parquet"]
+    path: str  # training samples; relative paths are resolved against the scenario file
+    test_path: str  # held-out samples for evaluation, same schema
+    preprocess: Preprocess = Preprocess()
+
+
+DataConfig = Annotated[Union[SyntheticData, ParquetData], Field(discriminator="kind")]
+
+
+class Tier(Frozen):
+    """A device/network profile shared by a fraction of the fleet."""
+
+    name: str
+    share: Annotated[float, Field(gt=0, le=1)]
+    seconds_per_sample: PositiveFloat  # compute cost of one sample in one local epoch
+    up_mbps: PositiveFloat
+    down_mbps: PositiveFloat
+    latency_ms: NonNegativeFloat = 0.0
+    loss: Annotated[float, Field(ge=0, lt=1)] = 0.0  # probability that one transfer attempt is lost
+    retransmit_timeout_s: NonNegativeFloat = 1.0  # virtual time a lost attempt costs before the retry
+    max_retries: NonNegativeInt = 3  # retries per transfer; after that the update is lost
+
+
+def _default_tiers() -> tuple[Tier, ...]:
+    return (Tier(name="default", share=1.0, seconds_per_sample=0.001, up_mbps=10, down_mbps=10, latency_ms=50),)
+
+
+class Fleet(Frozen):
+    sensors: PositiveInt = 1000
+    data: DataConfig = SyntheticData()
+    tiers: tuple[Tier, ...] = Field(default_factory=_default_tiers, min_length=1)
+
+    @model_validator(mode="after")
+    def _tiers_partition_the_fleet(self) -> "Fleet":
+        total = sum(t.share for t in self.tiers)
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise ValueError(f"tier shares must add up to 1, they add up to {total:g}")
+        names = [t.name for t in self.tiers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tier names must be unique, got {names}")
+        return self
+
+
+# --------------------------------------------------------------------------- training
+
+
+class Training(Frozen):
+    rounds: PositiveInt = 20
+    local_epochs: PositiveInt = 1
+    batch_size: Union[PositiveInt, Literal["full"]] = 16  # "full" = one batch of all the sensor's samples
+    lr: PositiveFloat = 0.05
+    weight_decay: NonNegativeFloat = 0.0
+    vectorized: bool = True  # train an actor's cohort as one batched computation; False = per-sensor loop
+
+
+class Stragglers(Frozen):
+    policy: Literal["wait-all"] = "wait-all"
+
+
+class Aggregation(Frozen):
+    mode: Literal["sync"] = "sync"
+    strategy: STRATEGIES.config_union() = Field(default_factory=lambda: STRATEGIES.entry("fedavg").config())  # type: ignore[valid-type]
+    cohort: PositiveInt = 100
+    stragglers: Stragglers = Stragglers()
+
+
+class ClusterSection(Frozen):
+    client_actors: Union[PositiveInt, Literal["auto"]] = "auto"
+    sensors_per_actor: Union[PositiveInt, Literal["auto"]] = "auto"
+    num_cpus: PositiveFloat = 1.0  # per client actor
+    num_gpus: NonNegativeFloat = 0.0  # per client actor; fractions share a GPU
+
+    @model_validator(mode="after")
+    def _gpu_fraction(self) -> "ClusterSection":
+        if self.num_gpus > 1 and not float(self.num_gpus).is_integer():
+            raise ValueError("num_gpus above 1 must be a whole number of GPUs")
+        return self
+
+
+class Logging(Frozen):
+    eval_every: PositiveInt = 1
+    tensorboard: bool = True
+    progress: bool = True  # live progress bar on the terminal
+
+
+class Scenario(Frozen):
+    """A whole run, typed and frozen; ``load_scenario`` is the way to make one."""
+
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")] = "scenario"
+    seed: NonNegativeInt = 0
+    fleet: Fleet = Fleet()
+    model: MODELS.config_union() = Field(default_factory=lambda: MODELS.entry("mlp").config())  # type: ignore[valid-type]
+    training: Training = Training()
+    aggregation: Aggregation = Aggregation()
+    cluster: ClusterSection = ClusterSection()
+    logging: Logging = Logging()
+
+    # Directory relative data paths are resolved against (the scenario file's folder).
+    base_dir: str = Field(default=".", exclude=True)
+    source: str = Field(default="<dict>", exclude=True)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "Scenario":
+        if self.aggregation.cohort > self.fleet.sensors:
+            raise ValueError(
+                f"aggregation.cohort ({self.aggregation.cohort}) is larger than fleet.sensors ({self.fleet.sensors})"
+            )
+        c = self.cluster
+        if c.client_actors != "auto" and c.sensors_per_actor != "auto":
+            if c.client_actors * c.sensors_per_actor < self.fleet.sensors:
+                raise ValueError(
+                    f"cluster.client_actors × cluster.sensors_per_actor = {c.client_actors * c.sensors_per_actor} "
+                    f"cannot host fleet.sensors = {self.fleet.sensors}"
+                )
+        return self
+
+    def resolve_path(self, path: str) -> Path:
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved scenario (every default filled in) as plain YAML-ready data."""
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_scenario(
+    path_or_dict: str | Path | dict[str, Any] | Scenario, overrides: list[str] | dict[str, Any] | None = None
+) -> Scenario:
+    """Load, override and validate a scenario; raise :class:`ScenarioError` on any problem.
+
+    ``overrides`` are ``"a.b=value"`` strings (values parsed as YAML, so
+    ``training.rounds=3`` is an int and ``model.hidden=[32,16]`` a list) or a
+    mapping of dotted paths to values.
+    """
+    if isinstance(path_or_dict, Scenario):
+        if not overrides:
+            return path_or_dict
+        source, base_dir = path_or_dict.source, path_or_dict.base_dir
+        raw = path_or_dict.to_dict()
+    elif isinstance(path_or_dict, dict):
+        source, base_dir = "<dict>", "."
+        raw = _deep_copy(path_or_dict)
+    else:
+        path = Path(path_or_dict)
+        source, base_dir = str(path), str(path.resolve().parent)
+        raw = _read_yaml(path)
+    if overrides:
+        source = f"{source} (with --set overrides)"
+        for dotted, value in _parse_overrides(overrides, source):
+            _apply_override(raw, dotted, value, source)
+    raw = {**raw, "base_dir": base_dir, "source": source}
+    try:
+        return Scenario.model_validate(raw)
+    except ValidationError as exc:
+        raise ScenarioError(_describe(exc, source)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ScenarioError(f"scenario file {path} does not exist.") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise ScenarioError(f"scenario file {path} cannot be read as text: {exc}.") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ScenarioError(f"scenario file {path} is not valid YAML{where}: {problem}.") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ScenarioError(f"scenario file {path} must hold a mapping of sections (name, fleet, model, ...), "
+                            f"got a {type(raw).__name__}.")
+    for key in ("base_dir", "source"):
+        if key in raw:
+            raise ScenarioError(f"scenario file {path}: {key!r} is not a scenario key.")
+    return raw
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+def _parse_overrides(overrides: list[str] | dict[str, Any], source: str) -> list[tuple[str, Any]]:
+    if isinstance(overrides, dict):
+        return list(overrides.items())
+    parsed = []
+    for item in overrides:
+        dotted, sep, text = item.partition("=")
+        if not sep or not dotted.strip():
+            raise ScenarioError(f"{source}: --set {item!r} must have the form a.b=value, e.g. training.rounds=3.")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        parsed.append((dotted.strip(), value))
+    return parsed
+
+
+def _apply_override(raw: dict[str, Any], dotted: str, value: Any, source: str) -> None:
+    keys = dotted.split(".")
+    node: Any = raw
+    for depth, key in enumerate(keys[:-1]):
+        child = node.get(key) if isinstance(node, dict) else None
+        if child is None:
+            child = {}
+            node[key] = child
+        elif not isinstance(child, dict):
+            where = ".".join(keys[: depth + 1])
+            raise ScenarioError(f"{source}: --set {dotted}: {where} is not a section, so it has no key {keys[depth + 1]!r}.")
+        node = child
+    node[keys[-1]] = value
+
+
+# --------------------------------------------------------------------------- error messages
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    """One paragraph naming the file, each failing field path and what was expected."""
+    problems = []
+    seen = set()
+    for error in exc.errors(include_url=False):
+        path, fields = _field_path(error["loc"])
+        text = _explain(error, path, fields)
+        if text not in seen:
+            seen.add(text)
+            problems.append(text)
+    head = f"invalid scenario {source}: " if len(problems) == 1 else f"invalid scenario {source} ({len(problems)} problems): "
+    return head + "; ".join(problems) + "."
+
+
+def _field_path(loc: tuple[Any, ...]) -> tuple[str, list[str] | None]:
+    """Turn a pydantic location into a dotted YAML path, and list the valid keys at its end.
+
+    Discriminated-union tags and union member names that pydantic inserts into
+    locations are dropped so the path is exactly what the user wrote.
+    """
+    parts: list[str] = []
+    node: Any = Scenario
+    fields: list[str] | None = None
+    for item in loc:
+        options = _models_in(node)
+        if isinstance(item, int):
+            parts[-1:] = [f"{parts[-1]}[{item}]"] if parts else [f"[{item}]"]
+            node = _item_type(node)
+            continue
+        if any(item in m.model_fields for m in options):
+            fields = sorted({f for m in options for f in m.model_fields if f not in ("base_dir", "source")})
+            node = next(m.model_fields[item].annotation for m in options if item in m.model_fields)
+            parts.append(str(item))
+            continue
+        if options and (item in _tags(options) or item.startswith(("function-", "literal[", "int", "float", "str"))):
+            narrowed = [m for m in options if item in _tags([m])]
+            if narrowed:
+                node = narrowed[0]
+            continue
+        fields = sorted({f for m in options for f in m.model_fields if f not in ("base_dir", "source")}) or None
+        parts.append(str(item))
+    return ".".join(parts) or "(top level)", fields
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _models_in(typing.get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+    return []
+
+
+def _item_type(annotation: Any) -> Any:
+    if typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    args = typing.get_args(annotation)
+    return args[0] if args else None
+
+
+def _tags(models: list[type[BaseModel]]) -> set[str]:
+    tags = set()
+    for m in models:
+        for key in ("name", "kind"):
+            field = m.model_fields.get(key)
+            if field is not None:
+                tags.update(str(a) for a in typing.get_args(field.annotation))
+        tags.add(m.__name__)
+    return tags
+
+
+def _explain(error: dict[str, Any], path: str, fields: list[str] | None) -> str:
+    kind = error["type"]
+    given = error.get("input")
+    if kind == "extra_forbidden":
+        key = path.rsplit(".", 1)[-1]
+        text = f"{path}: unknown key {key!r}"
+        close = difflib.get_close_matches(key, fields or [], n=1, cutoff=0.5)
+        if close:
+            text += f" (did you mean {close[0]!r}?)"
+        elif fields:
+            text += f"; valid keys here are {', '.join(fields)}"
+        return text
+    if kind == "missing":
+        return f"{path}: required key is missing"
+    if kind == "union_tag_invalid":
+        ctx = error.get("ctx", {})
+        tag = ctx.get("tag")
+        expected = ctx.get("expected_tags", "")
+        text = f"{path}.{ctx.get('discriminator', '').strip(chr(39))}: unknown choice {tag!r}; expected one of {expected}"
+        close = difflib.get_close_matches(str(tag), [t.strip(" '") for t in str(expected).split(",")], n=1)
+        return text + (f" (did you mean {close[0]!r}?)" if close else "")
+    if kind == "union_tag_not_found":
+        return f"{path}: needs a {error.get('ctx', {}).get('discriminator', 'name')} key"
+    message = error["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, "):]
+        if path == "(top level)":
+            return message
+    shown = repr(given) if not isinstance(given, dict) else "a mapping"
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return f"{path}: {message[0].lower() + message[1:]} (got {shown})"

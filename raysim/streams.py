@@ -1,0 +1,19 @@
+"""Seeded random streams keyed by what they are for.
+
+Every random draw in a run comes from ``stream(seed, PURPOSE, *keys)``, e.g.
+``stream(seed, TRAIN, sensor_id, round_index)``, so results never depend on
+how many client actors there are, which one trains a sensor, or in what order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+COHORT = 0xC0407  # per round: which sensors are selected
+TRAIN = 0x7A1E  # per sensor and round: local batch order
+MODEL_INIT = 0x1417  # initial global weights
+
+
+def stream(seed: int, purpose: int, *keys: int) -> np.random.Generator:
+    """An independent generator for (seed, purpose, keys...)."""
+    return np.random.default_rng([int(seed), int(purpose), *(int(k) for k in keys)])
