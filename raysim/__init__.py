@@ -1,6 +1,9 @@
 """raysim: fast federated-learning simulation over fleets of heterogeneous sensors, on Ray."""
 
-from raysim.api import RunResult, run
+from __future__ import annotations
+
+from typing import Any
+
 from raysim.errors import AggregationError, ClusterError, DataError, RaysimError, ScenarioError
 from raysim.scenario import Scenario, load_scenario
 
@@ -17,3 +20,12 @@ __all__ = [
     "load_scenario",
     "run",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # `run` pulls in Ray; keep `import raysim` (and `raysim validate`) light.
+    if name in ("run", "RunResult"):
+        from raysim import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'raysim' has no attribute {name!r}")

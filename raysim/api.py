@@ -86,16 +86,11 @@ def run(
 
 
 def _drive(scenario, fleet, placement, run_dir: Path, created: list, progress) -> RunResult:
-    from raysim.client import ClientActor
     from raysim.coordinator import Coordinator
 
     shards = placement.shards(len(fleet.profiles))
-    options = {"num_cpus": placement.num_cpus, "num_gpus": placement.num_gpus}
-    actors = []
-    for shard in shards:
-        actor = ClientActor.options(**options).remote(scenario, fleet, fleet.profiles.sensor_id[shard])
-        created.append(actor)
-        actors.append(actor)
+    actors = cluster.start_client_actors(scenario, fleet, placement)
+    created.extend(actors)
     # The coordinator mostly waits on client actors; it reserves no CPU so they get them all.
     coordinator = Coordinator.options(num_cpus=0).remote(scenario, fleet, actors, shards, str(run_dir))
     created.append(coordinator)

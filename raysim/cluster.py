@@ -99,3 +99,14 @@ def _check_fits(placement: Placement, cpus: float, gpus: float, source: str) -> 
 
 def cluster_resources() -> dict[str, float]:
     return dict(ray.cluster_resources())
+
+
+def start_client_actors(scenario: Scenario, fleet: Any, placement: Placement) -> list[Any]:
+    """Start one ClientActor per shard with the placement's CPU / GPU share; each loads its sensors."""
+    from raysim.client import ClientActor
+
+    options = {"num_cpus": placement.num_cpus, "num_gpus": placement.num_gpus}
+    return [
+        ClientActor.options(**options).remote(scenario, fleet, fleet.profiles.sensor_id[shard])
+        for shard in placement.shards(len(fleet.profiles))
+    ]

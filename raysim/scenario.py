@@ -39,6 +39,13 @@ class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+def _default_tag(raw: Any, field: str, tag: str, default: str) -> Any:
+    """Let a union section omit its tag (``model: {hidden: [32]}`` means the default model)."""
+    if isinstance(raw, dict) and isinstance(raw.get(field), dict) and tag not in raw[field]:
+        return {**raw, field: {tag: default, **raw[field]}}
+    return raw
+
+
 # --------------------------------------------------------------------------- fleet
 
 
@@ -117,6 +124,11 @@ class Fleet(Frozen):
     data: DataConfig = SyntheticData()
     tiers: tuple[Tier, ...] = Field(default_factory=_default_tiers, min_length=1)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _data_kind(cls, raw: Any) -> Any:
+        return _default_tag(raw, "data", "kind", "synthetic")
+
     @model_validator(mode="after")
     def _tiers_partition_the_fleet(self) -> "Fleet":
         total = sum(t.share for t in self.tiers)
@@ -149,6 +161,11 @@ class Aggregation(Frozen):
     strategy: STRATEGIES.config_union() = Field(default_factory=lambda: STRATEGIES.entry("fedavg").config())  # type: ignore[valid-type]
     cohort: PositiveInt = 100
     stragglers: Stragglers = Stragglers()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _strategy_name(cls, raw: Any) -> Any:
+        return _default_tag(raw, "strategy", "name", "fedavg")
 
 
 class ClusterSection(Frozen):
@@ -185,6 +202,11 @@ class Scenario(Frozen):
     # Directory relative data paths are resolved against (the scenario file's folder).
     base_dir: str = Field(default=".", exclude=True)
     source: str = Field(default="<dict>", exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_name(cls, raw: Any) -> Any:
+        return _default_tag(raw, "model", "name", "mlp")
 
     @model_validator(mode="after")
     def _combinations(self) -> "Scenario":

@@ -109,9 +109,13 @@ def _check_cohort(layout: ParamLayout, global_flat: np.ndarray, datasets: Sequen
     for i, ((x, y), plan) in enumerate(zip(datasets, plans)):
         if len(x) != len(y):
             raise ValueError(f"sensor {i}: {len(x)} samples but {len(y)} labels")
-        for idx in plan:
-            if len(idx) == 0 or np.min(idx) < 0 or np.max(idx) >= len(x):
-                raise ValueError(f"sensor {i}: a batch plan step is empty or indexes outside its {len(x)} samples")
+        if not plan:
+            continue
+        if any(len(idx) == 0 for idx in plan):
+            raise ValueError(f"sensor {i}: a batch plan step is empty")
+        flat_plan = np.concatenate(plan)
+        if flat_plan.min() < 0 or flat_plan.max() >= len(x):
+            raise ValueError(f"sensor {i}: the batch plan indexes outside its {len(x)} samples")
     return global_flat
 
 
@@ -181,7 +185,7 @@ def train_vectorized(
         return TrainResult(updates, _mean_loss(loss_sum, steps), steps)
 
     order = np.argsort(-steps, kind="stable")
-    active = [i for i in order if steps[i] > 0]  # sorted cohort; sensors without steps keep Δ = 0
+    active = order[steps[order] > 0]  # the sorted cohort; sensors without steps keep Δ = 0
     xs = [torch.as_tensor(datasets[i][0], dtype=torch.float32) for i in active]
     ys = [torch.as_tensor(datasets[i][1], dtype=torch.int64) for i in active]
     n_max = max(len(x) for x in xs)
@@ -219,11 +223,15 @@ def train_vectorized(
         params = layout.split(weights[:width])  # views into the stacked weights
         grads, losses = cohort_step(params, x_all[rows, index_t], y_all[rows, index_t], torch.from_numpy(mask))
         with torch.no_grad():
+            # In place on the views (no (S, d) temporaries): w ← w − lr·(g + wd·w).
             for name, p in params.items():
-                p.sub_(cfg.lr * (grads[name] + cfg.weight_decay * p))
+                g = grads[name]
+                if cfg.weight_decay:
+                    g.add_(p, alpha=cfg.weight_decay)
+                p.add_(g, alpha=-cfg.lr)
         step_losses[:width] += losses.to(torch.float64)
 
-    updates[active] = (weights - torch.from_numpy(global_flat)).numpy()
+    updates[active] = weights.sub_(torch.from_numpy(global_flat)).numpy()
     loss_sum[active] = step_losses.numpy()
     return TrainResult(updates, _mean_loss(loss_sum, steps), steps)
 

@@ -61,6 +61,7 @@ TEST_SENSOR_ID_BASE = 1 << 40
 _FREQ_RANGE = (0.5, 3.0)  # sinusoid frequencies, cycles per window
 _AMPLITUDE_RANGE = (0.3, 1.0)
 _OFFSET_SIGMA = 0.25  # class/channel offset ~ N(0, _OFFSET_SIGMA)
+_SEPARATION = 0.5  # scale of the class-specific part of each template
 _MAX_SHIFT = 0.25  # random time shift ~ U(0, _MAX_SHIFT · window) samples
 _AMPLITUDE_JITTER = 0.2  # per-sample amplitude factor exp(N(0, _AMPLITUDE_JITTER))
 _AR_COEF = 0.7  # AR(1) coefficient of the coloured noise
@@ -74,7 +75,10 @@ def _rng(seed: int, stream: int, *key: int) -> np.random.Generator:
 
 @dataclass(frozen=True, eq=False)
 class Templates:
-    """Class templates shared by the fleet: ``(classes, channels, components)`` arrays."""
+    """Class templates shared by the fleet: ``(classes, channels, components)`` arrays.
+
+    Components 0-2 are shared by every class, 3-5 are the class's own.
+    """
 
     frequency: np.ndarray  # cycles per window
     amplitude: np.ndarray  # 0 for an unused third component
@@ -83,15 +87,29 @@ class Templates:
 
 
 def templates(cfg: "SyntheticData", seed: int) -> Templates:
-    """The class templates of a fleet, drawn from the seed alone."""
+    """The class templates of a fleet, drawn from the seed alone.
+
+    Each channel has a mixture of three sinusoids shared by every class (the
+    "posture" common to all activities) plus a class-specific mixture of two or
+    three sinusoids and offset, scaled by the class separation; that scale sets
+    how hard the classes are to tell apart under noise and time shifts.
+    """
     rng = _rng(seed, _TEMPLATE_STREAM)
-    shape = (cfg.classes, cfg.channels, 3)
-    frequency = rng.uniform(*_FREQ_RANGE, size=shape)
-    amplitude = rng.uniform(*_AMPLITUDE_RANGE, size=shape)
-    phase = rng.uniform(0.0, 2 * np.pi, size=shape)
-    components = rng.integers(2, 4, size=shape[:2])
-    amplitude[..., 2] *= components == 3
-    offset = rng.normal(0.0, _OFFSET_SIGMA, size=shape[:2])
+    classes, channels = cfg.classes, cfg.channels
+    shared = (1, channels, 3)
+    own = (classes, channels, 3)
+    frequency = np.concatenate(
+        [np.broadcast_to(rng.uniform(*_FREQ_RANGE, size=shared), own), rng.uniform(*_FREQ_RANGE, size=own)], axis=2
+    )
+    base_amplitude = rng.uniform(*_AMPLITUDE_RANGE, size=shared)
+    class_amplitude = _SEPARATION * rng.uniform(*_AMPLITUDE_RANGE, size=own)
+    class_amplitude[..., 2] *= rng.integers(2, 4, size=own[:2]) == 3
+    amplitude = np.concatenate([np.broadcast_to(base_amplitude, own), class_amplitude], axis=2)
+    phase = np.concatenate(
+        [np.broadcast_to(rng.uniform(0.0, 2 * np.pi, size=shared), own), rng.uniform(0.0, 2 * np.pi, size=own)],
+        axis=2,
+    )
+    offset = _SEPARATION * rng.normal(0.0, _OFFSET_SIGMA, size=own[:2])
     return Templates(frequency, amplitude, phase, offset)
 
 
