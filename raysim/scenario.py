@@ -341,16 +341,31 @@ def _apply_override(raw: dict[str, Any], dotted: str, value: Any, source: str) -
 
 def _describe(exc: ValidationError, source: str) -> str:
     """One paragraph naming the file, each failing field path and what was expected."""
-    problems = []
-    seen = set()
+    by_path: dict[str, list[str]] = {}
     for error in exc.errors(include_url=False):
         path, fields = _field_path(error["loc"])
+        texts = by_path.setdefault(path, [])
         text = _explain(error, path, fields)
-        if text not in seen:
-            seen.add(text)
-            problems.append(text)
+        if text not in texts:
+            texts.append(text)
+    # Alternatives of one union field fail together: say them as one expectation.
+    problems = [texts[0] if len(texts) == 1 else _either(texts) for texts in by_path.values()]
     head = f"invalid scenario {source}: " if len(problems) == 1 else f"invalid scenario {source} ({len(problems)} problems): "
     return head + "; ".join(problems) + "."
+
+
+def _either(texts: list[str]) -> str:
+    path = texts[0].split(": ", 1)[0]
+    wants, got = [], ""
+    for text in texts:
+        body = text.split(": ", 1)[1]
+        want, sep, given = body.partition(" (got ")
+        wants.append(want)
+        got = f" (got {given}" if sep else got
+    return f"{path}: {' or '.join(wants)}{got}"
+
+
+_TYPE_TAGS = {"int", "float", "str", "bool", "list", "tuple", "dict", "none"}
 
 
 def _field_path(loc: tuple[Any, ...]) -> tuple[str, list[str] | None]:
@@ -373,11 +388,11 @@ def _field_path(loc: tuple[Any, ...]) -> tuple[str, list[str] | None]:
             node = next(m.model_fields[item].annotation for m in options if item in m.model_fields)
             parts.append(str(item))
             continue
-        if options and (item in _tags(options) or item.startswith(("function-", "literal[", "int", "float", "str"))):
-            narrowed = [m for m in options if item in _tags([m])]
-            if narrowed:
-                node = narrowed[0]
+        if options and item in _tags(options):
+            node = next(m for m in options if item in _tags([m]))
             continue
+        if "[" in item or "-" in item or item in _TYPE_TAGS:
+            continue  # a union member's name that pydantic puts in the location
         fields = sorted({f for m in options for f in m.model_fields if f not in ("base_dir", "source")}) or None
         parts.append(str(item))
     return ".".join(parts) or "(top level)", fields
@@ -440,7 +455,8 @@ def _explain(error: dict[str, Any], path: str, fields: list[str] | None) -> str:
         message = message[len("Value error, "):]
         if path == "(top level)":
             return message
-    shown = repr(given) if not isinstance(given, dict) else "a mapping"
-    if len(shown) > 60:
-        shown = shown[:57] + "..."
-    return f"{path}: {message[0].lower() + message[1:]} (got {shown})"
+    text = f"{path}: {message[0].lower() + message[1:]}"
+    if isinstance(given, (dict, list)):
+        return text
+    shown = repr(given)
+    return f"{text} (got {shown if len(shown) <= 60 else shown[:57] + '...'})"
