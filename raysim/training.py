@@ -200,7 +200,7 @@ def train_vectorized(
     ) -> torch.Tensor:
         logits = functional_call(model, params, (x,))
         per_sample = F.cross_entropy(logits, y, reduction="none")
-        return per_sample.mean()
+        return torch.where(mask, per_sample, 0.0).sum() / mask.sum()
 
     # Differentiate with respect to the named views, not the flat row: the
     # backward of slicing a flat row would materialise a zero (S, d) tensor

@@ -1,0 +1,100 @@
+"""The virtual clock: task timings from profiles, losses and retries, seeded per sensor and round."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from raysim.clock import APPLIED, LOST, plan_tasks
+from raysim.fleet.profiles import FleetProfiles
+
+
+def profiles(count: int, *, loss: float = 0.0, retries: int = 3, samples: int = 50, sps: float = 0.01,
+             up: float = 1.0, down: float = 4.0, latency_ms: float = 100.0, rto: float = 2.0) -> FleetProfiles:
+    def full(value, dtype=np.float64):
+        return np.full(count, value, dtype=dtype)
+
+    return FleetProfiles(
+        sensor_id=np.arange(count, dtype=np.int64) * 3 + 11,
+        tier=np.zeros(count, dtype=np.int16),
+        num_samples=full(samples, np.int64),
+        seconds_per_sample=full(sps),
+        up_mbps=full(up),
+        down_mbps=full(down),
+        latency_ms=full(latency_ms),
+        loss=full(loss),
+        retransmit_timeout_s=full(rto),
+        max_retries=full(retries, np.int32),
+        tier_names=("only",),
+    )
+
+
+def plan(p: FleetProfiles, round_index: int = 1, **kw):
+    args = dict(seed=5, round_index=round_index, dispatched_at=100.0, bytes_down=250_000, bytes_up=125_000, epochs=2)
+    args.update(kw)
+    return plan_tasks(p, **args)
+
+
+def test_lossless_times_follow_the_formulas():
+    result = plan(profiles(4))
+    # download: 0.1 s latency + 8·250,000 bit / 4 Mbit/s = 0.6 s; compute: 50 × 2 × 0.01 = 1 s;
+    # upload: 0.1 + 8·125,000 / 1 Mbit/s = 1.1 s
+    np.testing.assert_allclose(result.download_s, 0.6)
+    np.testing.assert_allclose(result.compute_s, 1.0)
+    np.testing.assert_allclose(result.upload_s, 1.1)
+    np.testing.assert_allclose(result.arrived_at, 102.7)
+    assert result.delivered.all() and (result.outcome == APPLIED).all()
+    assert (result.down_attempts == 1).all() and (result.up_attempts == 1).all()
+
+
+def test_certain_loss_without_retries_loses_every_task_without_training():
+    result = plan(profiles(6, loss=0.999999, retries=0))
+    assert not result.delivered.any() and (result.outcome == LOST).all()
+    np.testing.assert_allclose(result.compute_s, 0.0)
+    # One failed download attempt: its transfer time plus the retransmission timeout.
+    np.testing.assert_allclose(result.download_s, 0.6 + 2.0)
+    assert (result.up_attempts == 0).all()
+
+
+def test_loss_rate_matches_probability():
+    loss, count = 0.3, 4000
+    result = plan(profiles(count, loss=loss, retries=0))
+    expected = (1 - loss) ** 2  # download and upload must both succeed first time
+    assert abs(result.delivered.mean() - expected) < 4 * np.sqrt(expected * (1 - expected) / count)
+
+
+def test_retries_cost_timeouts_and_count_attempts():
+    result = plan(profiles(3000, loss=0.5, retries=2))
+    ok = result.delivered
+    one_down, rto = 0.6, 2.0
+    np.testing.assert_allclose(result.download_s[ok], (result.down_attempts[ok] - 1) * (one_down + rto) + one_down)
+    assert result.down_attempts.max() == 3 and result.down_attempts.min() == 1
+    # With 3 attempts each, a transfer fails with probability 0.5³; both must succeed.
+    expected = (1 - 0.5**3) ** 2
+    assert abs(ok.mean() - expected) < 0.04
+
+
+def test_plan_is_seeded_per_sensor_and_round():
+    p = profiles(200, loss=0.4, retries=1)
+    first, again = plan(p), plan(p)
+    np.testing.assert_array_equal(first.arrived_at, again.arrived_at)
+    subset = np.arange(0, 200, 7)
+    part = plan(p.take(subset))
+    np.testing.assert_array_equal(part.arrived_at, first.arrived_at[subset])
+    np.testing.assert_array_equal(part.delivered, first.delivered[subset])
+    other_round = plan(p, round_index=2)
+    assert not np.array_equal(other_round.arrived_at, first.arrived_at)
+
+
+def test_slower_links_take_longer():
+    fast = plan(profiles(1, up=10.0, down=10.0))
+    slow = plan(profiles(1, up=0.25, down=1.0))
+    assert slow.arrived_at[0] > fast.arrived_at[0]
+
+
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_compute_scales_with_samples_and_epochs(epochs):
+    small = plan(profiles(1, samples=10), epochs=epochs)
+    large = plan(profiles(1, samples=40), epochs=epochs)
+    np.testing.assert_allclose(large.compute_s, 4 * small.compute_s)
+    np.testing.assert_allclose(small.compute_s, 10 * epochs * 0.01)
