@@ -40,7 +40,7 @@ class ParamLayout:
             raise ValueError(f"a model must keep all its state in parameters; it has buffers {buffers}")
         names, shapes, offsets = [], [], []
         offset = 0
-        for name, param in sorted(module.named_parameters()):
+        for name, param in module.named_parameters():
             names.append(name)
             shapes.append(tuple(param.shape))
             offsets.append(offset)
