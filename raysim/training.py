@@ -96,12 +96,22 @@ class TrainResult:
     """What local training returns for a cohort of S sensors, in the cohort's order."""
 
     updates: np.ndarray  # float32 (S, d): local weights − global weights
-    train_loss: np.ndarray  # float64 (S,): mean over the sensor's steps of the batch loss before the step; NaN without steps
+    train_loss: np.ndarray  # float64 (S,): mean of the batch loss before each step; NaN for a sensor without steps
     steps: np.ndarray  # int64 (S,): SGD steps taken
 
 
-def _check_cohort(layout: ParamLayout, global_flat: np.ndarray, datasets: Sequence[Dataset], plans: Sequence[Plan]) -> np.ndarray:
-    global_flat = np.asarray(global_flat, dtype=np.float32)
+def _tensor(array: Any, dtype: torch.dtype) -> torch.Tensor:
+    """``torch.as_tensor``, copying read-only numpy arrays (Ray hands those out)
+    instead of wrapping them, which torch warns about."""
+    if isinstance(array, np.ndarray) and not array.flags.writeable:
+        return torch.tensor(array, dtype=dtype)
+    return torch.as_tensor(array, dtype=dtype)
+
+
+def _check_cohort(
+    layout: ParamLayout, global_flat: np.ndarray, datasets: Sequence[Dataset], plans: Sequence[Plan]
+) -> np.ndarray:
+    global_flat = np.array(global_flat, dtype=np.float32)  # a private, writable copy
     if global_flat.shape != (layout.size,):
         raise ValueError(f"global weights must have shape ({layout.size},), got {global_flat.shape}")
     if len(datasets) != len(plans):
@@ -143,8 +153,8 @@ def train_reference(
     loss_sum = np.zeros(num_sensors, dtype=np.float64)
     steps = np.array([len(plan) for plan in plans], dtype=np.int64)
     for i, ((x, y), plan) in enumerate(zip(datasets, plans)):
-        x_t = torch.as_tensor(x, dtype=torch.float32)
-        y_t = torch.as_tensor(y, dtype=torch.int64)
+        x_t = _tensor(x, torch.float32)
+        y_t = _tensor(y, torch.int64)
         layout.load_into(model, global_flat)
         for idx in plan:
             idx_t = torch.as_tensor(idx, dtype=torch.int64)
@@ -172,8 +182,9 @@ def train_vectorized(
     count, descending, so at step s the sensors still training are a prefix
     W[:a_s] and finished ones cost nothing. Each step's batches are padded to a
     common width with a mask; a sensor's loss is the mean over its real rows
-    only, which is exactly the reference's batch loss. Data is stacked once
-    into a padded (S, n_max, C, T) tensor, so a step's gather is one index op.
+    only, which is exactly the reference's batch loss. The cohort's samples
+    are concatenated once into one (Σn, C, T) tensor (no padding to the
+    largest sensor), so a step's gather is one ``index_select``.
     ``model`` only supplies the architecture (``functional_call``); it is not modified.
     """
     global_flat = _check_cohort(layout, global_flat, datasets, plans)
@@ -186,14 +197,12 @@ def train_vectorized(
 
     order = np.argsort(-steps, kind="stable")
     active = order[steps[order] > 0]  # the sorted cohort; sensors without steps keep Δ = 0
-    xs = [torch.as_tensor(datasets[i][0], dtype=torch.float32) for i in active]
-    ys = [torch.as_tensor(datasets[i][1], dtype=torch.int64) for i in active]
-    n_max = max(len(x) for x in xs)
-    x_all = xs[0].new_zeros((len(active), n_max, *xs[0].shape[1:]))
-    y_all = torch.zeros((len(active), n_max), dtype=torch.int64)
-    for row, (x, y) in enumerate(zip(xs, ys)):
-        x_all[row, : len(x)] = x
-        y_all[row, : len(y)] = y
+    # All active sensors' samples, concatenated once; sensor row r owns x_all[starts[r] : starts[r] + n_r].
+    x_all = torch.cat([_tensor(datasets[i][0], torch.float32) for i in active])
+    y_all = torch.cat([_tensor(datasets[i][1], torch.int64) for i in active])
+    counts = np.array([len(datasets[i][1]) for i in active], dtype=np.int64)
+    starts = np.cumsum(counts) - counts
+    sample_shape = tuple(x_all.shape[1:])
 
     def batch_loss(
         params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
@@ -213,15 +222,16 @@ def train_vectorized(
         width = int((active_steps > s).sum())  # sorted, so the sensors still training are a prefix
         batches = [plans[i][s] for i in active[:width]]
         batch_width = max(len(b) for b in batches)
-        index = np.zeros((width, batch_width), dtype=np.int64)
+        index = np.repeat(starts[:width, None], batch_width, axis=1)  # padding points at a real sample, masked out
         mask = np.zeros((width, batch_width), dtype=bool)
         for row, b in enumerate(batches):
-            index[row, : len(b)] = b
+            index[row, : len(b)] += b
             mask[row, : len(b)] = True
-        index_t = torch.from_numpy(index)
-        rows = torch.arange(width)[:, None]
+        index_t = torch.from_numpy(index.reshape(-1))
+        x_b = x_all.index_select(0, index_t).view(width, batch_width, *sample_shape)
+        y_b = y_all.index_select(0, index_t).view(width, batch_width)
         params = layout.split(weights[:width])  # views into the stacked weights
-        grads, losses = cohort_step(params, x_all[rows, index_t], y_all[rows, index_t], torch.from_numpy(mask))
+        grads, losses = cohort_step(params, x_b, y_b, torch.from_numpy(mask))
         with torch.no_grad():
             # In place on the views (no (S, d) temporaries): w ← w − lr·(g + wd·w).
             for name, p in params.items():
@@ -249,11 +259,11 @@ def evaluate(
     Runs under ``torch.no_grad()`` in chunks of ``batch_size``; ``model`` only
     supplies the architecture and is not modified.
     """
-    x_t = torch.as_tensor(x, dtype=torch.float32)
-    y_t = torch.as_tensor(y, dtype=torch.int64)
+    x_t = _tensor(x, torch.float32)
+    y_t = _tensor(y, torch.int64)
     if len(x_t) == 0 or len(x_t) != len(y_t):
         raise ValueError(f"evaluation needs matching, non-empty samples and labels, got {len(x_t)} and {len(y_t)}")
-    params = layout.split(torch.as_tensor(np.asarray(flat, dtype=np.float32)))
+    params = layout.split(torch.tensor(np.asarray(flat), dtype=torch.float32))
     correct = 0
     loss_sum = 0.0
     with torch.no_grad():

@@ -228,9 +228,10 @@ def test_bad_cohorts_are_refused(train):
 def test_training_lowers_the_loss_on_a_learnable_task():
     rng = np.random.default_rng(0)
     y = rng.integers(0, CLASSES, 200)
-    x = (rng.standard_normal((200, CHANNELS, WINDOW)) * 0.3 + y[:, None, None]).astype(np.float32)
+    prototypes = rng.standard_normal((CLASSES, CHANNELS, WINDOW))
+    x = (prototypes[y] + 0.3 * rng.standard_normal((200, CHANNELS, WINDOW))).astype(np.float32)
     model, layout, w0 = setup(MLP)
-    cfg = LocalTraining(epochs=20, batch_size=16, lr=0.05)
+    cfg = LocalTraining(epochs=5, batch_size=32, lr=0.1)
     result = train_vectorized(model, layout, w0, [(x, y)], make_plans([(x, y)], cfg), cfg)
     before = evaluate(model, layout, w0, x, y)
     after = evaluate(model, layout, w0 + result.updates[0], x, y)
@@ -255,3 +256,20 @@ def test_evaluate_matches_a_direct_forward_pass(config, batch_size):
     acc, loss = evaluate(scratch, ParamLayout.of(scratch), flat, x, y, batch_size=batch_size)
     assert acc == pytest.approx(expected_acc, abs=1e-12)
     assert loss == pytest.approx(expected_loss, rel=1e-5)
+
+
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("train", [train_reference, train_vectorized])
+def test_read_only_inputs_are_accepted_without_warnings(train):
+    """Arrays from the Ray object store are read-only; they must work as they are."""
+    datasets = make_cohort([5, 3])
+    model, layout, w0 = setup(MLP)
+    for x, y in datasets:
+        x.flags.writeable = False
+        y.flags.writeable = False
+    w0.flags.writeable = False
+    cfg = LocalTraining(epochs=1, batch_size=2, lr=0.1)
+    result = train(model, layout, w0, datasets, make_plans(datasets, cfg), cfg)
+    assert np.abs(result.updates).max() > 0
+    evaluate(model, layout, w0, *datasets[0])
+    layout.load_into(model, w0)

@@ -30,7 +30,7 @@ def build_model(config: BaseModel, channels: int, window: int, classes: int, see
         if int(value) < 1:
             raise ValueError(f"{what} must be at least 1, got {value}")
     with torch.random.fork_rng(devices=[]):
-        pass
+        torch.default_generator.manual_seed(int(seed))
         module = MODELS.build(config, int(channels), int(window), int(classes))
     return module
 

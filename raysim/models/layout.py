@@ -71,7 +71,9 @@ class ParamLayout:
 
     def load_into(self, module: nn.Module, flat: np.ndarray | torch.Tensor) -> None:
         """Copy the flat vector ``flat`` (length d) into ``module``'s parameters, in place."""
-        flat_t = torch.as_tensor(flat)
+        # A read-only array (as Ray hands out) is copied rather than wrapped, which torch warns about.
+        read_only = isinstance(flat, np.ndarray) and not flat.flags.writeable
+        flat_t = torch.tensor(flat) if read_only else torch.as_tensor(flat)
         if flat_t.shape != (self.size,):
             raise ValueError(f"expected a flat vector of shape ({self.size},), got {tuple(flat_t.shape)}")
         with torch.no_grad():
