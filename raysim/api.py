@@ -86,13 +86,9 @@ def run(
 
 
 def _drive(scenario, fleet, placement, run_dir: Path, created: list, progress) -> RunResult:
-    from raysim.coordinator import Coordinator
-
-    shards = placement.shards(len(fleet.profiles))
     actors = cluster.start_client_actors(scenario, fleet, placement)
     created.extend(actors)
-    # The coordinator mostly waits on client actors; it reserves no CPU so they get them all.
-    coordinator = Coordinator.options(num_cpus=0).remote(scenario, fleet, actors, shards, str(run_dir))
+    coordinator = cluster.start_coordinator(scenario, fleet, actors, placement, str(run_dir))
     created.append(coordinator)
     for _ in range(scenario.training.rounds):
         row = ray.get(coordinator.step.remote())

@@ -22,9 +22,9 @@ from raysim.streams import TRAIN, stream
 from raysim.training import LocalTraining, batch_plan, train_reference, train_vectorized
 
 
-@ray.remote
 class ClientActor:
-    """Hosts ``sensor_ids`` of the fleet; created with the scenario's num_cpus / num_gpus."""
+    """Hosts ``sensor_ids`` of the fleet; run as a Ray actor by ``cluster.start_client_actors``
+    with the scenario's ``num_cpus`` / ``num_gpus``."""
 
     def __init__(self, scenario: Scenario, fleet: FleetData, sensor_ids: np.ndarray) -> None:
         threads = max(1, int(scenario.cluster.num_cpus))

@@ -7,6 +7,7 @@ against what the cluster has: a request the cluster can never satisfy is a
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -101,12 +102,26 @@ def cluster_resources() -> dict[str, float]:
     return dict(ray.cluster_resources())
 
 
+@functools.cache
+def _remote(cls: type) -> Any:
+    # The classes stay plain (importable, so Ray pickles them by reference); Ray wraps them here.
+    return ray.remote(cls)
+
+
 def start_client_actors(scenario: Scenario, fleet: Any, placement: Placement) -> list[Any]:
     """Start one ClientActor per shard with the placement's CPU / GPU share; each loads its sensors."""
     from raysim.client import ClientActor
 
     options = {"num_cpus": placement.num_cpus, "num_gpus": placement.num_gpus}
     return [
-        ClientActor.options(**options).remote(scenario, fleet, fleet.profiles.sensor_id[shard])
+        _remote(ClientActor).options(**options).remote(scenario, fleet, fleet.profiles.sensor_id[shard])
         for shard in placement.shards(len(fleet.profiles))
     ]
+
+
+def start_coordinator(scenario: Scenario, fleet: Any, actors: list[Any], placement: Placement, run_dir: str) -> Any:
+    """Start the Coordinator actor; it mostly waits on client actors, so it reserves no CPU."""
+    from raysim.coordinator import Coordinator
+
+    shards = placement.shards(len(fleet.profiles))
+    return _remote(Coordinator).options(num_cpus=0).remote(scenario, fleet, actors, shards, run_dir)

@@ -27,8 +27,9 @@ from raysim.strategies import STRATEGIES
 from raysim.training import evaluate
 
 
-@ray.remote
 class Coordinator:
+    """Drives a run; started as a Ray actor by ``cluster.start_coordinator``."""
+
     def __init__(
         self,
         scenario: Scenario,
