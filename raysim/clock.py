@@ -21,9 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from raysim.fleet.profiles import FleetProfiles
-
-# Stream codes keep the clock's draws independent of every other seeded stream.
-CLOCK_STREAM = 0xC10C
+from raysim.streams import CLOCK, stream
 
 APPLIED, LOST = "applied", "lost"
 
@@ -75,7 +73,7 @@ def plan_tasks(
     down_attempts = np.empty(count, dtype=np.int64)
     up_attempts = np.empty(count, dtype=np.int64)
     for i in range(count):
-        rng = np.random.default_rng([seed, CLOCK_STREAM, int(profiles.sensor_id[i]), round_index])
+        rng = stream(seed, CLOCK, int(profiles.sensor_id[i]), round_index)
         down_attempts[i] = _attempts(rng, float(profiles.loss[i]), int(profiles.max_retries[i]))
         up_attempts[i] = _attempts(rng, float(profiles.loss[i]), int(profiles.max_retries[i]))
     got_model = down_attempts <= max_tries

@@ -11,9 +11,13 @@ import numpy as np
 
 COHORT = 0xC0407  # per round: which sensors are selected
 TRAIN = 0x7A1E  # per sensor and round: local batch order
-MODEL_INIT = 0x1417  # initial global weights
+CLOCK = 0xC10C  # per sensor and round: transfer losses and retries
 
 
 def stream(seed: int, purpose: int, *keys: int) -> np.random.Generator:
     """An independent generator for (seed, purpose, keys...)."""
-    return np.random.default_rng([int(seed), int(purpose), *(int(k) for k in keys)])
+    # Keys are taken modulo 2**64 so negative ids (allowed in user data) seed fine.
+    return np.random.default_rng([int(seed), int(purpose), *(int(k) & _MASK for k in keys)])
+
+
+_MASK = (1 << 64) - 1

@@ -221,7 +221,7 @@ def train_vectorized(
     for s in range(int(active_steps[0])):
         width = int((active_steps > s).sum())  # sorted, so the sensors still training are a prefix
         batches = [plans[i][s] for i in active[:width]]
-        batch_width = max(len(b) for b in batches)
+        batch_width = cfg.batch_size or max(len(b) for b in batches)
         index = np.repeat(starts[:width, None], batch_width, axis=1)  # padding points at a real sample, masked out
         mask = np.zeros((width, batch_width), dtype=bool)
         for row, b in enumerate(batches):

@@ -273,3 +273,21 @@ def test_read_only_inputs_are_accepted_without_warnings(train):
     assert np.abs(result.updates).max() > 0
     evaluate(model, layout, w0, *datasets[0])
     layout.load_into(model, w0)
+
+
+def test_a_sensors_vectorized_update_does_not_depend_on_its_cohort():
+    """Bitwise: what else an actor trains in the same call never changes a sensor's update
+    (this is what makes results independent of the number of client actors)."""
+    config = MLPConfig(hidden=(16,))
+    model = build_model(config, 6, 32, 6)
+    layout = ParamLayout.of(model)
+    start = init_weights(config, 6, 32, 6, seed=1)
+    rng = np.random.default_rng(4)
+    datasets = [(rng.normal(size=(n, 6, 32)).astype(np.float32), rng.integers(0, 6, n)) for n in rng.integers(3, 50, 12)]
+    cfg = LocalTraining(epochs=2, batch_size=8, lr=0.1)
+    plans = [batch_plan(len(y), 2, 8, np.random.default_rng(i)) for i, (_, y) in enumerate(datasets)]
+    whole = train_vectorized(model, layout, start, datasets, plans, cfg)
+    for subset in ([0], [3, 7], list(range(0, 12, 3)), list(range(6))):
+        part = train_vectorized(model, layout, start, [datasets[i] for i in subset], [plans[i] for i in subset], cfg)
+        np.testing.assert_array_equal(part.updates, whole.updates[subset])
+        np.testing.assert_array_equal(part.train_loss, whole.train_loss[subset])

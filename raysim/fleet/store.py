@@ -248,10 +248,11 @@ def inspect(path: str | os.PathLike) -> FileInfo:
                     what = f"of length channels×window = {channels}×{window} = {expected_len}"
                 else:
                     what = f"of the same length in every row (row 0 has {length})"
+                got = int(lengths[bad[0]])
                 raise _fail(
                     path,
                     f"column 'x' must be a list of float32 {what}, row {row + int(bad[0])} has "
-                    f"{int(lengths[bad[0]])} values",
+                    f"{got} value{'' if got == 1 else 's'}",
                 )
             values = x.flatten()
             if values.null_count:

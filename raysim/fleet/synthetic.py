@@ -1,13 +1,15 @@
 """Seeded synthetic human-activity-like sensor windows.
 
-Each class is a template per channel: a mixture of two or three sinusoids with
-class-specific frequencies, amplitudes and phases plus a class/channel offset,
-shared by the whole fleet. A sample of class c on sensor i is
+Each class has a template per channel, shared by the whole fleet: a mixture of
+three sinusoids common to all classes plus two or three sinusoids with
+class-specific frequencies, amplitudes and phases, and a class/channel offset
+μ_c. A sample of class c on sensor i is
 
-    x = R_i · (a · template_c(t + s) + ε) ⊙ g_i + b_i
+    x = g_i ⊙ R_i · (μ_c + a · w_c(t + s) + ε) + b_i
 
-with a random time shift s, an amplitude jitter a, coloured noise ε (AR(1)
-filtered Gaussian at the sensor's noise level σ_i), and the sensor's
+with w_c the sinusoid mixture, a random time shift s, an amplitude jitter a,
+coloured noise ε (AR(1) filtered Gaussian at the sensor's noise level σ_i),
+and the sensor's
 calibration ("feature skew"): a small 3-D rotation R_i of every consecutive
 channel triple (like accelerometer xyz), a per-channel gain g_i and bias b_i.
 
@@ -32,6 +34,7 @@ data or ids with fleet sensors.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Iterator
 
@@ -49,8 +52,7 @@ _TEST_LAYOUT_STREAM = 104
 # Parts of one sensor's stream, so each quantity can be drawn on its own.
 _PART_QUANTITY = 0
 _PART_LABELS = 1
-_PART_SKEW = 2
-_PART_SAMPLES = 3
+_PART_SAMPLES = 2  # calibration first, then the windows
 
 TEST_SENSOR_ID_BASE = 1 << 40
 """Sensor id of the first held-out test sensor; test sensor j has id base + j."""
@@ -61,8 +63,8 @@ TEST_SENSOR_ID_BASE = 1 << 40
 _FREQ_RANGE = (0.5, 3.0)  # sinusoid frequencies, cycles per window
 _AMPLITUDE_RANGE = (0.3, 1.0)
 _OFFSET_SIGMA = 0.25  # class/channel offset ~ N(0, _OFFSET_SIGMA)
-_SEPARATION = 0.5  # scale of the class-specific part of each template
-_MAX_SHIFT = 0.25  # random time shift ~ U(0, _MAX_SHIFT · window) samples
+_SEPARATION = 0.15  # scale of the class-specific part of each template
+_MAX_SHIFT = 0.5  # random time shift ~ U(0, _MAX_SHIFT · window) samples
 _AMPLITUDE_JITTER = 0.2  # per-sample amplitude factor exp(N(0, _AMPLITUDE_JITTER))
 _AR_COEF = 0.7  # AR(1) coefficient of the coloured noise
 
@@ -123,15 +125,18 @@ def num_samples(cfg: "SyntheticData", seed: int, sensor_ids: Iterable[int]) -> n
     return np.array([_quantity(cfg, seed, int(i)) for i in np.asarray(sensor_ids).reshape(-1)], dtype=np.int64)
 
 
-def class_proportions(cfg: "SyntheticData", seed: int, sensor_id: int) -> np.ndarray:
-    """Sensor i's class proportions p_i ~ Dirichlet(label_alpha · 1_C) (Hsu et al. 2019)."""
-    rng = _rng(seed, _SENSOR_STREAM, sensor_id, _PART_LABELS)
+def _proportions(cfg: "SyntheticData", rng: np.random.Generator) -> np.ndarray:
     p = rng.dirichlet(np.full(cfg.classes, cfg.label_alpha))
     if not np.all(np.isfinite(p)) or p.sum() <= 0:
         # Very small α can underflow every gamma draw to 0: the limit is one class.
         p = np.zeros(cfg.classes)
         p[rng.integers(cfg.classes)] = 1.0
     return p
+
+
+def class_proportions(cfg: "SyntheticData", seed: int, sensor_id: int) -> np.ndarray:
+    """Sensor i's class proportions p_i ~ Dirichlet(label_alpha · 1_C) (Hsu et al. 2019)."""
+    return _proportions(cfg, _rng(seed, _SENSOR_STREAM, sensor_id, _PART_LABELS))
 
 
 @dataclass(frozen=True, eq=False)
@@ -172,34 +177,63 @@ def _calibration(skew: "FeatureSkew", channels: int, rng: np.random.Generator) -
 
 def calibration(cfg: "SyntheticData", seed: int, sensor_id: int) -> Calibration:
     """Fleet sensor ``sensor_id``'s feature skew."""
-    return _calibration(cfg.feature_skew, cfg.channels, _rng(seed, _SENSOR_STREAM, sensor_id, _PART_SKEW))
+    return _calibration(cfg.feature_skew, cfg.channels, _rng(seed, _SENSOR_STREAM, sensor_id, _PART_SAMPLES))
+
+
+_AR_MATRIX_MAX_WINDOW = 512  # up to this window the AR(1) filter is one matrix product
+
+
+@functools.lru_cache(maxsize=8)
+def _ar1_filter(window: int) -> np.ndarray:
+    # e = w · Lᵀ with L[t, s] = ρ^(t-s)·√(1-ρ²) for 0 < s ≤ t and L[t, 0] = ρ^t.
+    lag = np.arange(window)[:, None] - np.arange(window)[None, :]
+    filt = np.where(lag >= 0, _AR_COEF ** np.maximum(lag, 0), 0.0) * np.sqrt(1.0 - _AR_COEF**2)
+    filt[:, 0] = _AR_COEF ** np.arange(window)
+    transposed = np.ascontiguousarray(filt.T)
+    transposed.flags.writeable = False
+    return transposed
 
 
 def _ar1_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
-    """Stationary AR(1) noise along the last axis with marginal std ``sigma``."""
+    """Stationary AR(1) noise along the last axis with marginal std ``sigma``.
+
+        e_0 = w_0,   e_t = ρ·e_{t-1} + √(1-ρ²)·w_t,   w ~ N(0, 1)
+    """
     innovations = rng.standard_normal(shape)
+    window = shape[-1]
+    scale = np.sqrt(1.0 - _AR_COEF**2)
+    if window <= _AR_MATRIX_MAX_WINDOW:
+        return sigma * (innovations @ _ar1_filter(window))
     out = np.empty(shape)
     out[..., 0] = innovations[..., 0]
-    scale = np.sqrt(1.0 - _AR_COEF**2)
-    for t in range(1, shape[-1]):
+    for t in range(1, window):
         out[..., t] = _AR_COEF * out[..., t - 1] + scale * innovations[..., t]
     return sigma * out
+
+
+def _waves(tpl: Templates, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """A·sin(2πf·t/T + φ) and A·cos(2πf·t/T + φ): (classes, channels, components, window)."""
+    t = np.arange(window, dtype=np.float64)
+    arg = 2 * np.pi * tpl.frequency[..., None] * t / window + tpl.phase[..., None]
+    return tpl.amplitude[..., None] * np.sin(arg), tpl.amplitude[..., None] * np.cos(arg)
 
 
 def _render(
     cfg: "SyntheticData",
     tpl: Templates,
+    waves: tuple[np.ndarray, np.ndarray],
     labels: np.ndarray,
     cal: Calibration,
     rng: np.random.Generator,
 ) -> np.ndarray:
     n, channels, window = len(labels), cfg.channels, cfg.window
-    shift = rng.uniform(0.0, _MAX_SHIFT * window, size=(n, 1, 1, 1))
+    shift = rng.uniform(0.0, _MAX_SHIFT * window, size=(n, 1, 1))
     jitter = np.exp(rng.normal(0.0, _AMPLITUDE_JITTER, size=(n, 1, 1)))
-    t = np.arange(window, dtype=np.float64)
-    # (n, channels, components, window)
-    arg = 2 * np.pi * tpl.frequency[labels][..., None] * (t + shift) / window + tpl.phase[labels][..., None]
-    signal = (tpl.amplitude[labels][..., None] * np.sin(arg)).sum(axis=2)
+    # sin(a + θ) = sin a·cos θ + cos a·sin θ, with θ = 2πf·s/T: no sin over the full array.
+    theta = 2 * np.pi * tpl.frequency[labels] * shift / window  # (n, channels, components)
+    sin_wave, cos_wave = waves
+    signal = np.einsum("nck,nckt->nct", np.cos(theta), sin_wave[labels])
+    signal += np.einsum("nck,nckt->nct", np.sin(theta), cos_wave[labels])
     x = tpl.offset[labels][..., None] + jitter * signal
     x += _ar1_noise(rng, (n, channels, window), cal.noise)
     triples = 3 * len(cal.rotation)
@@ -210,18 +244,23 @@ def _render(
     return x.astype(np.float32)
 
 
-def _sensor(cfg: "SyntheticData", seed: int, tpl: Templates, sensor_id: int) -> tuple[np.ndarray, np.ndarray]:
+def _sensor(
+    cfg: "SyntheticData", seed: int, tpl: Templates, waves: tuple[np.ndarray, np.ndarray], sensor_id: int
+) -> tuple[np.ndarray, np.ndarray]:
     n = _quantity(cfg, seed, sensor_id)
-    p = class_proportions(cfg, seed, sensor_id)
-    labels = _rng(seed, _SENSOR_STREAM, sensor_id, _PART_LABELS, 1).choice(cfg.classes, size=n, p=p)
-    cal = calibration(cfg, seed, sensor_id)
-    x = _render(cfg, tpl, labels, cal, _rng(seed, _SENSOR_STREAM, sensor_id, _PART_SAMPLES))
+    label_rng = _rng(seed, _SENSOR_STREAM, sensor_id, _PART_LABELS)
+    p = _proportions(cfg, label_rng)
+    labels = label_rng.choice(cfg.classes, size=n, p=p)
+    sample_rng = _rng(seed, _SENSOR_STREAM, sensor_id, _PART_SAMPLES)
+    cal = _calibration(cfg.feature_skew, cfg.channels, sample_rng)
+    x = _render(cfg, tpl, waves, labels, cal, sample_rng)
     return x, labels.astype(np.int64)
 
 
 def sensor_samples(cfg: "SyntheticData", seed: int, sensor_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Fleet sensor ``sensor_id``'s windows ``x`` (n, channels, window) float32 and labels ``y`` (n,) int64."""
-    return _sensor(cfg, seed, templates(cfg, seed), int(sensor_id))
+    tpl = templates(cfg, seed)
+    return _sensor(cfg, seed, tpl, _waves(tpl, cfg.window), int(sensor_id))
 
 
 def iter_sensors(
@@ -229,8 +268,9 @@ def iter_sensors(
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """``(sensor_id, x, y)`` for each id in turn, sharing one set of templates."""
     tpl = templates(cfg, seed)
+    waves = _waves(tpl, cfg.window)
     for sensor_id in sensor_ids:
-        x, y = _sensor(cfg, seed, tpl, int(sensor_id))
+        x, y = _sensor(cfg, seed, tpl, waves, int(sensor_id))
         yield int(sensor_id), x, y
 
 
@@ -249,13 +289,15 @@ def test_layout(cfg: "SyntheticData", seed: int) -> tuple[np.ndarray, np.ndarray
 def iter_test_sensors(cfg: "SyntheticData", seed: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """``(sensor_id, x, y)`` of each held-out test sensor, ids from :data:`TEST_SENSOR_ID_BASE`."""
     tpl = templates(cfg, seed)
+    waves = _waves(tpl, cfg.window)
     labels, owner = test_layout(cfg, seed)
     for j in range(cfg.test_sensors):
         mine = labels[owner == j]
         if len(mine) == 0:
             continue
-        cal = _calibration(cfg.feature_skew, cfg.channels, _rng(seed, _TEST_SENSOR_STREAM, j, _PART_SKEW))
-        x = _render(cfg, tpl, mine, cal, _rng(seed, _TEST_SENSOR_STREAM, j, _PART_SAMPLES))
+        rng = _rng(seed, _TEST_SENSOR_STREAM, j, _PART_SAMPLES)
+        cal = _calibration(cfg.feature_skew, cfg.channels, rng)
+        x = _render(cfg, tpl, waves, mine, cal, rng)
         yield TEST_SENSOR_ID_BASE + j, x, mine
 
 
