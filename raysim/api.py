@@ -88,6 +88,7 @@ def run(
 def _drive(scenario, fleet, placement, run_dir: Path, created: list, progress) -> RunResult:
     actors = cluster.start_client_actors(scenario, fleet, placement)
     created.extend(actors)
+    ray.get([actor.sensors.remote() for actor in actors])  # every shard loaded before the clock starts
     coordinator = cluster.start_coordinator(scenario, fleet, actors, placement, str(run_dir))
     created.append(coordinator)
     for _ in range(scenario.training.rounds):

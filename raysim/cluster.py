@@ -29,7 +29,7 @@ def connect(address: str | None = None) -> bool:
     """
     if ray.is_initialized():
         return False
-    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "configure_logging": True}
+    kwargs: dict[str, Any] = {"logging_level": logging.ERROR, "configure_logging": True}
     try:
         if address:
             ray.init(address=address, **kwargs)

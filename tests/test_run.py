@@ -170,7 +170,8 @@ def test_one_sensor_full_batch_round_is_one_centralized_sgd_step(ray_session, tm
 
 
 def test_training_improves_accuracy_well_beyond_chance(ray_session, tmp_path):
-    spec = small(**{"fleet.sensors": 300, "aggregation.cohort": 60, "training.rounds": 10, "model.hidden": [64]})
+    spec = small(**{"fleet.sensors": 300, "aggregation.cohort": 60, "training.rounds": 10, "model.hidden": [64],
+                    "training.lr": 0.2, "fleet.data.preprocess": {"zscore": True}})
     result = raysim.run(spec, out_dir=tmp_path / "learns")
     accuracy = result.metrics["accuracy"].to_pylist()
     chance = 1 / 6
