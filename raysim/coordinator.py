@@ -58,6 +58,7 @@ class Coordinator:
         self.virtual_time_s = 0.0
         self.cumulative_up = 0
         self.cumulative_down = 0
+        self.updates_applied = 0
         self.wall_started = time.perf_counter()
 
     def step(self) -> dict[str, Any]:
@@ -103,7 +104,7 @@ class Coordinator:
         if round_index % scenario.logging.eval_every == 0 or round_index == scenario.training.rounds:
             accuracy, loss = evaluate(self.model, self.layout, self.weights, self.test_x, self.test_y)
         wall = time.perf_counter() - self.wall_started
-        applied_so_far = applied + sum(row["updates_applied"] for row in self.recorder.metrics)
+        self.updates_applied += applied
         row = {
             "round": round_index,
             "virtual_time_s": self.virtual_time_s,
@@ -118,7 +119,7 @@ class Coordinator:
             "bytes_down": int(bytes_down.sum()),
             "cumulative_bytes_up": self.cumulative_up,
             "cumulative_bytes_down": self.cumulative_down,
-            "updates_per_s": applied_so_far / wall if wall > 0 else 0.0,
+            "updates_per_s": self.updates_applied / wall if wall > 0 else 0.0,
         }
         events = {
             "sensor": members.sensor_id,

@@ -251,3 +251,35 @@ def test_impossible_placement_exits_2_and_leaves_no_run_directory(ray_session, t
     err = capsys.readouterr().err
     assert "s.yaml" in err and "num_cpus" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_users_own_parquet_fleet_runs_end_to_end(ray_session, tmp_path):
+    from raysim.fleet import store
+
+    rng = np.random.default_rng(1)
+    channels, window, classes = 3, 16, 4
+
+    def chunk(sensor_ids, per_sensor):
+        y = rng.integers(0, classes, len(sensor_ids) * per_sensor)
+        x = rng.normal(size=(len(y), channels, window)).astype(np.float32) + y[:, None, None]
+        return np.repeat(sensor_ids, per_sensor), x, y
+
+    ids = np.array([-5, 3, 17, 40, 41, 99, 1000, 2**40], dtype=np.int64)  # any int64 ids
+    store.write_samples(tmp_path / "train.parquet", [chunk(ids, 10)], channels, window, classes)
+    store.write_samples(tmp_path / "test.parquet", [chunk(np.array([7]), 40)], channels, window, classes)
+    scenario = _write_yaml(tmp_path / "mine.yaml", {
+        "name": "mine",
+        "fleet": {"sensors": len(ids), "data": {"kind": "parquet", "path": "train.parquet", "test_path": "test.parquet",
+                                               "preprocess": {"smoothing_window": 3}}},
+        "model": {"name": "dscnn", "channels": [8], "kernel_size": 3},
+        "aggregation": {"cohort": 4},
+        "training": {"rounds": 2, "batch_size": 4},
+        "cluster": {"num_cpus": 0.5},
+        "logging": {"progress": False},
+    })
+    result = raysim.run(scenario, out_dir=tmp_path / "run")
+    events = pq.read_table(result.run_dir / "events.parquet").to_pydict()
+    assert set(events["sensor"]) <= set(ids.tolist())
+    assert result.metrics.num_rows == 2
+    assert result.summary["model"] == "dscnn"
+    assert 0 <= result.summary["final_accuracy"] <= 1

@@ -107,6 +107,14 @@ def test_validate_command_exits_2_with_one_paragraph(path, capsys):
     assert "Traceback" not in err and "\n\n" not in err.strip()
 
 
+@pytest.mark.parametrize("path", BAD, ids=lambda p: p.name)
+def test_run_command_refuses_bad_scenario_before_creating_anything(path, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", str(path), "--out", str(out)]) == 2
+    assert path.name in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_validate_cli_process_exit_status_is_2():
     done = raysim_cli("validate", str(BAD[0]))
     assert done.returncode == 2
