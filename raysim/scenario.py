@@ -13,7 +13,7 @@ import math
 import types
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import (
@@ -101,18 +101,67 @@ class ParquetData(Frozen):
 DataConfig = Annotated[Union[SyntheticData, ParquetData], Field(discriminator="kind")]
 
 
+class AlwaysOnline(Frozen):
+    """The sensor is online whenever it is asked."""
+
+    kind: Literal["always"] = "always"
+
+
+class OnOffAvailability(Frozen):
+    """An alternating on/off process with exponential durations, seeded per sensor.
+
+    A sensor starts on with probability mean_on_s / (mean_on_s + mean_off_s)
+    (the process's stationary distribution).
+    """
+
+    kind: Literal["onoff"]
+    mean_on_s: PositiveFloat
+    mean_off_s: PositiveFloat
+
+
+class TraceAvailability(Frozen):
+    """Online intervals read from a CSV or Parquet file with columns sensor, start_s, end_s.
+
+    Sensors of the tier that the trace does not mention are always online. With
+    ``period_s`` the trace repeats every ``period_s`` virtual seconds.
+    """
+
+    kind: Literal["trace"]
+    path: str  # relative paths are resolved against the scenario file
+    period_s: Optional[PositiveFloat] = None
+
+
+AvailabilityConfig = Annotated[
+    Union[AlwaysOnline, OnOffAvailability, TraceAvailability], Field(discriminator="kind")
+]
+
+
 class Tier(Frozen):
-    """A device/network profile shared by a fraction of the fleet."""
+    """A device/network profile shared by a fraction of the fleet.
+
+    Each sensor of the tier draws its own speed and bandwidths once, from its
+    own stream: value = median × exp(σ·z), z ~ N(0, 1). Each task's compute
+    time is further multiplied by exp(jitter_sigma·z) drawn per task.
+    """
 
     name: str
     share: Annotated[float, Field(gt=0, le=1)]
-    seconds_per_sample: PositiveFloat  # compute cost of one sample in one local epoch
+    seconds_per_sample: PositiveFloat  # median compute cost of one sample in one local epoch
+    speed_sigma: NonNegativeFloat = 0.0  # per-sensor lognormal spread of seconds_per_sample
+    jitter_sigma: NonNegativeFloat = 0.0  # per-task lognormal jitter of the compute time
     up_mbps: PositiveFloat
     down_mbps: PositiveFloat
+    bandwidth_sigma: NonNegativeFloat = 0.0  # per-sensor lognormal spread of up_mbps and down_mbps
     latency_ms: NonNegativeFloat = 0.0
     loss: Annotated[float, Field(ge=0, lt=1)] = 0.0  # probability that one transfer attempt is lost
     retransmit_timeout_s: NonNegativeFloat = 1.0  # virtual time a lost attempt costs before the retry
     max_retries: NonNegativeInt = 3  # retries per transfer; after that the update is lost
+    availability: AvailabilityConfig = AlwaysOnline()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _availability_kind(cls, raw: Any) -> Any:
+        return _default_tag(raw, "availability", "kind", "always")
 
 
 def _default_tiers() -> tuple[Tier, ...]:
@@ -342,7 +391,10 @@ def _apply_override(raw: dict[str, Any], dotted: str, value: Any, source: str) -
 def _describe(exc: ValidationError, source: str) -> str:
     """One paragraph naming the file, each failing field path and what was expected."""
     by_path: dict[str, list[str]] = {}
-    for error in exc.errors(include_url=False):
+    errors = exc.errors(include_url=False)
+    for error in errors:
+        if error["type"] == "too_short" and any(len(e["loc"]) > len(error["loc"]) and e["loc"][: len(error["loc"])] == error["loc"] for e in errors):
+            continue  # a list whose items failed is also "too short"; the item errors say it all
         path, fields = _field_path(error["loc"])
         texts = by_path.setdefault(path, [])
         text = _explain(error, path, fields)
