@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import ray
 
 from raysim import cluster
+from raysim.availability import Availability
 from raysim.errors import RaysimError, ScenarioError
 from raysim.fleet import prepare_fleet
 from raysim.metrics import write_json
@@ -62,6 +63,7 @@ def run(
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise ScenarioError(f"run directory {run_dir} already exists and is not empty; choose another --out.")
     fleet = prepare_fleet(scenario, default_cache_dir())
+    availability = Availability.from_scenario(scenario, fleet.profiles)  # reads and checks any trace files
 
     started_ray = cluster.connect(address)
     created: list[Any] = []
@@ -71,7 +73,7 @@ def run(
         run_dir.mkdir(parents=True, exist_ok=True)
         made_dir = True
         (run_dir / "scenario.yaml").write_text(scenario.to_yaml())
-        result = _drive(scenario, fleet, placement, run_dir, created, progress)
+        result = _drive(scenario, fleet, availability, placement, run_dir, created, progress)
     except RaysimError:
         if made_dir:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -85,11 +87,11 @@ def run(
     return result
 
 
-def _drive(scenario, fleet, placement, run_dir: Path, created: list, progress) -> RunResult:
+def _drive(scenario, fleet, availability, placement, run_dir: Path, created: list, progress) -> RunResult:
     actors = cluster.start_client_actors(scenario, fleet, placement)
     created.extend(actors)
     ray.get([actor.sensors.remote() for actor in actors])  # every shard loaded before the clock starts
-    coordinator = cluster.start_coordinator(scenario, fleet, actors, placement, str(run_dir))
+    coordinator = cluster.start_coordinator(scenario, fleet, availability, actors, placement, str(run_dir))
     created.append(coordinator)
     for _ in range(scenario.training.rounds):
         row = ray.get(coordinator.step.remote())
@@ -100,7 +102,10 @@ def _drive(scenario, fleet, placement, run_dir: Path, created: list, progress) -
         "name": scenario.name,
         "seed": scenario.seed,
         "sensors": scenario.fleet.sensors,
-        "cohort": scenario.aggregation.cohort,
+        "mode": scenario.aggregation.mode,
+        "strategy": scenario.aggregation.strategy.name,
+        "cohort": scenario.aggregation.cohort if scenario.aggregation.mode == "sync"
+        else scenario.aggregation.strategy.concurrency,
         "model": scenario.model.name,
         "parameters": int(final["weights"].size),
         "client_actors": placement.client_actors,

@@ -127,19 +127,35 @@ def _summary_table(summary: dict[str, Any]):
     rows = [
         ("sensors / cohort", f"{summary.get('sensors', '?'):,} / {summary.get('cohort', '?'):,}"),
         ("model", f"{summary.get('model', '?')} ({summary.get('parameters', 0):,} parameters)"),
+        ("aggregation", f"{summary.get('mode', 'sync')} {summary.get('strategy', 'fedavg')}"),
         ("client actors × sensors each", f"{summary.get('client_actors', '?')} × {summary.get('sensors_per_actor', '?')}"),
         ("rounds", f"{summary.get('rounds', 0)}"),
         ("accuracy: first → final (best)", _accuracy_text(summary)),
         ("final test loss", _fmt(summary.get("final_loss"), ".4f")),
         ("updates applied / dropped", f"{summary.get('updates_applied', 0):,} / {summary.get('updates_dropped', 0):,}"),
+        ("  dropped: late / lost / offline",
+         f"{summary.get('updates_late', 0):,} / {summary.get('updates_lost', 0):,} / {summary.get('updates_offline', 0):,}"),
+        ("trainings skipped (saved)", f"{summary.get('trainings_skipped', 0):,} ({_fmt(summary.get('compute_saved_s'), ',.1f', ' s')} virtual compute)"),
+        ("rounds skipped", f"{summary.get('rounds_skipped', 0):,}"),
         ("bytes up / down", f"{_bytes(summary.get('bytes_up'))} / {_bytes(summary.get('bytes_down'))}"),
         ("virtual time", _fmt(summary.get("virtual_time_s"), ",.1f", " s")),
         ("wall time", _fmt(summary.get("wall_time_s"), ",.1f", " s")),
+        *_target_rows(summary),
         ("throughput", _fmt(summary.get("updates_per_s"), ",.0f", " sensor updates/s")),
     ]
     for name, value in rows:
         table.add_row(name, value)
     return table
+
+
+def _target_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    if summary.get("target_accuracy") is None:
+        return []
+    name = f"time / bytes to {summary['target_accuracy']:.0%} accuracy"
+    if summary.get("time_to_target_s") is None:
+        return [(name, "not reached")]
+    return [(name, f"{summary['time_to_target_s']:,.1f} s / {_bytes(summary['bytes_to_target'])} "
+                   f"(round {summary['round_to_target']})")]
 
 
 def _accuracy_text(summary: dict[str, Any]) -> str:

@@ -19,7 +19,7 @@ from raysim.fleet import FleetData, preprocess, store
 from raysim.models import ParamLayout, build_model
 from raysim.scenario import Scenario
 from raysim.streams import TRAIN, stream
-from raysim.training import LocalTraining, batch_plan, train_reference, train_vectorized
+from raysim.training import LocalTraining, train_reference, train_vectorized
 
 
 class ClientActor:
@@ -42,7 +42,7 @@ class ClientActor:
         # The first batched step of a process pays a one-off set-up cost; pay it before round 1.
         if self.scenario.training.vectorized and self.data:
             x, y = next(iter(self.data.values()))
-            plan = batch_plan(len(y), 1, self.local.batch_size, stream(0, TRAIN, 0, 0))[:1]
+            plan = self.local.plan(len(y), stream(0, TRAIN, 0, 0))[:1]
             train_vectorized(self.model, self.layout, self.layout.flatten(self.model), [(x, y)], [plan], self.local)
 
     def sensors(self) -> list[int]:
@@ -58,19 +58,26 @@ class ClientActor:
             "sensors": len(self.data),
         }
 
-    def train(self, round_index: int, sensor_ids: np.ndarray, global_weights: np.ndarray) -> dict[str, np.ndarray]:
-        """Train the given hosted sensors from ``global_weights``; one call per round."""
+    def train(
+        self, task_keys: np.ndarray, sensor_ids: np.ndarray, version_slots: np.ndarray, *weights: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        """Train hosted sensors; one call per training batch.
+
+        Task i trains sensor ``sensor_ids[i]`` from ``weights[version_slots[i]]``
+        (each version is one shared ``ray.put`` object), with its batch order
+        drawn from the stream keyed by (sensor, ``task_keys[i]``).
+        """
         started = time.perf_counter()
         seed = self.scenario.seed
         datasets = [self.data[int(sid)] for sid in sensor_ids]
         plans = [
-            batch_plan(len(y), self.local.epochs, self.local.batch_size, stream(seed, TRAIN, int(sid), round_index))
-            for sid, (_, y) in zip(sensor_ids, datasets)
+            self.local.plan(len(y), stream(seed, TRAIN, int(sid), int(key)))
+            for sid, key, (_, y) in zip(sensor_ids, task_keys, datasets)
         ]
+        start = weights[0] if len(weights) == 1 else np.stack([weights[v] for v in version_slots])
         trainer = train_vectorized if self.scenario.training.vectorized else train_reference
-        result = trainer(self.model, self.layout, global_weights, datasets, plans, self.local)
+        result = trainer(self.model, self.layout, start, datasets, plans, self.local)
         return {
-            "sensor_id": np.asarray(sensor_ids, dtype=np.int64),
             "updates": result.updates,
             "num_samples": np.array([len(y) for _, y in datasets], dtype=np.int64),
             "train_loss": result.train_loss,

@@ -119,9 +119,11 @@ def start_client_actors(scenario: Scenario, fleet: Any, placement: Placement) ->
     ]
 
 
-def start_coordinator(scenario: Scenario, fleet: Any, actors: list[Any], placement: Placement, run_dir: str) -> Any:
+def start_coordinator(
+    scenario: Scenario, fleet: Any, availability: Any, actors: list[Any], placement: Placement, run_dir: str
+) -> Any:
     """Start the Coordinator actor; it mostly waits on client actors, so it reserves no CPU."""
     from raysim.coordinator import Coordinator
 
     shards = placement.shards(len(fleet.profiles))
-    return _remote(Coordinator).options(num_cpus=0).remote(scenario, fleet, actors, shards, run_dir)
+    return _remote(Coordinator).options(num_cpus=0).remote(scenario, fleet, availability, actors, shards, run_dir)

@@ -1,15 +1,23 @@
 """Coordinator: a Ray actor owning the global model, the virtual clock and the outputs.
 
-Each synchronous round it samples a cohort, plans every task on the virtual
-clock before any training (so updates that will be lost are never computed),
-dispatches one call per client actor with the global weights ``ray.put`` once,
-aggregates the delivered updates in sensor-id order (so results do not depend
-on how sensors are spread over actors), evaluates, and records.
+Synchronous rounds sample a cohort among the sensors online at the round's
+start, plan every task on the virtual clock before any training, apply the
+straggler policy, and train only the updates that will be accepted.
+Asynchronous runs (FedBuff, FedAsync) keep ``concurrency`` sensors in flight
+and process arrivals in virtual-time order; training is deferred until an
+update is needed and then done for every pending task at once, so async runs
+batch onto client actors like sync rounds. Either way each client actor gets
+one call per training batch, with each needed model version ``ray.put`` once,
+and results are assembled in an order that does not depend on which actor
+hosts which sensor.
 """
 
 from __future__ import annotations
 
+import heapq
+import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +25,18 @@ import numpy as np
 import ray
 import torch
 
-from raysim.clock import APPLIED, plan_tasks
+from raysim.availability import Availability
+from raysim.clock import APPLIED, LATE, LOST, OFFLINE, TaskPlan, plan_tasks
+from raysim.errors import AggregationError
 from raysim.fleet import FleetData, preprocess, store
 from raysim.metrics import RunRecorder, summarize
 from raysim.models import ParamLayout, build_model, init_weights
 from raysim.scenario import Scenario
-from raysim.streams import COHORT, stream
+from raysim.streams import COHORT, DISPATCH, stream
 from raysim.strategies import STRATEGIES
 from raysim.training import evaluate
+
+SKIPPED = "skipped"  # delivered in a round that fell short of min_completion
 
 
 class Coordinator:
@@ -34,14 +46,15 @@ class Coordinator:
         self,
         scenario: Scenario,
         fleet: FleetData,
+        availability: Availability,
         actors: list[Any],
         shards: list[np.ndarray],
         run_dir: str,
     ) -> None:
         torch.set_num_threads(1)
         self.scenario = scenario
-        self.fleet = fleet
         self.profiles = fleet.profiles
+        self.availability = availability
         self.actors = actors
         # Position of each sensor in the fleet → index of the client actor hosting it.
         self.owner = np.empty(len(self.profiles), dtype=np.int64)
@@ -54,121 +67,446 @@ class Coordinator:
         self.test_x, self.test_y = _load_test_set(fleet, scenario)
         self.recorder = RunRecorder(Path(run_dir), scenario.logging.tensorboard)
         self.run_dir = Path(run_dir)
-        self.round_index = 0
+        self.step_index = 0  # rounds (sync) or server steps (async) done
         self.virtual_time_s = 0.0
-        self.cumulative_up = 0
-        self.cumulative_down = 0
-        self.updates_applied = 0
+        self.totals = {"bytes_up": 0, "bytes_down": 0, "updates_applied": 0}
         self.wall_started = time.perf_counter()
+        self.loop = SyncRounds(self) if scenario.aggregation.mode == "sync" else AsyncSteps(self)
 
     def step(self) -> dict[str, Any]:
-        """Run one synchronous round; return its metrics row."""
-        self.round_index += 1
-        scenario = self.scenario
-        round_index = self.round_index
-        cohort = np.sort(
-            stream(scenario.seed, COHORT, round_index).choice(len(self.profiles), scenario.aggregation.cohort, replace=False)
-        )
-        members = self.profiles.take(cohort)
-        model_bytes = self.layout.num_bytes
-        plan = plan_tasks(
-            members,
-            seed=scenario.seed,
-            round_index=round_index,
-            dispatched_at=self.virtual_time_s,
-            bytes_down=model_bytes,
-            bytes_up=model_bytes,
-            epochs=scenario.training.local_epochs,
+        """One synchronous round or one asynchronous server step; returns its metrics row."""
+        return self.loop.step()
+
+    # ------------------------------------------------------------------ shared by both loops
+
+    def train(
+        self, positions: np.ndarray, task_keys: np.ndarray, versions: np.ndarray, weights: dict[int, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """Train tasks (sensor ``positions[i]`` from model version ``versions[i]``); results in input order.
+
+        One call per client actor hosting any of them; each version's weights
+        are ``ray.put`` once and shared by every call.
+        """
+        needed = sorted(set(versions.tolist()))
+        refs = [ray.put(weights[v]) for v in needed]
+        slot = {v: i for i, v in enumerate(needed)}
+        version_slots = np.array([slot[v] for v in versions.tolist()], dtype=np.int64)
+        owners = self.owner[positions]
+        calls, rows = [], []
+        for actor_index in np.unique(owners):
+            mine = np.flatnonzero(owners == actor_index)
+            rows.append(mine)
+            calls.append(
+                self.actors[actor_index].train.remote(
+                    task_keys[mine], self.profiles.sensor_id[positions[mine]], version_slots[mine], *refs
+                )
+            )
+        parts = ray.get(calls)
+        order = np.empty(len(positions), dtype=np.int64)
+        order[np.concatenate(rows)] = np.arange(len(positions))
+        merged = {key: np.concatenate([np.atleast_1d(p[key]) for p in parts])[order]
+                  for key in ("num_samples", "train_loss", "steps")}
+        merged["updates"] = np.concatenate([p["updates"] for p in parts])[order]
+        return merged
+
+    def plan(self, positions: np.ndarray, task_keys: np.ndarray | int, dispatched_at: float) -> TaskPlan:
+        bytes_model = self.layout.num_bytes
+        return plan_tasks(
+            self.profiles.take(positions),
+            seed=self.scenario.seed,
+            task_keys=task_keys,
+            dispatched_at=dispatched_at,
+            bytes_down=bytes_model,
+            bytes_up=bytes_model,
+            epochs=self.scenario.training.local_epochs,
+            availability=self.availability,
+            positions=positions,
         )
 
-        trained = self._train(round_index, cohort[plan.delivered])
-        count = len(cohort)
+    def record(self, row: dict[str, Any], events: dict[str, np.ndarray], staleness: np.ndarray | None = None) -> dict:
+        """Evaluate if due, complete the step's metrics row, and hand both to the recorder."""
+        self.step_index = row["round"]
+        scenario = self.scenario
+        accuracy = loss = float("nan")
+        if self.step_index % scenario.logging.eval_every == 0 or self.step_index == scenario.training.rounds:
+            accuracy, loss = evaluate(self.model, self.layout, self.weights, self.test_x, self.test_y)
+        self.totals["bytes_up"] += row["bytes_up"]
+        self.totals["bytes_down"] += row["bytes_down"]
+        self.totals["updates_applied"] += row["updates_applied"]
+        wall = time.perf_counter() - self.wall_started
+        row.update(
+            virtual_time_s=self.virtual_time_s,
+            wall_time_s=wall,
+            accuracy=float(accuracy),
+            loss=float(loss),
+            cumulative_bytes_up=self.totals["bytes_up"],
+            cumulative_bytes_down=self.totals["bytes_down"],
+            updates_per_s=self.totals["updates_applied"] / wall if wall > 0 else 0.0,
+        )
+        self.recorder.record_round(row, events, staleness)
+        return row
+
+    def event_rows(self, positions: np.ndarray, plan: TaskPlan, outcome: np.ndarray, *, round_index: int,
+                   base_version: np.ndarray, staleness: np.ndarray, trained: dict | None,
+                   trained_mask: np.ndarray) -> dict[str, np.ndarray]:
+        count = len(positions)
+        members = self.profiles.take(positions)
         train_loss = np.full(count, np.nan)
         steps = np.zeros(count, dtype=np.int64)
         if trained is not None:
-            where = np.flatnonzero(plan.delivered)
-            train_loss[where] = trained["train_loss"]
-            steps[where] = trained["steps"]
-            self.weights = self.strategy.aggregate(self.weights, trained["updates"], trained["num_samples"])
-
-        applied = int(plan.delivered.sum())
-        finish = plan.arrived_at[plan.delivered] if applied else plan.arrived_at
-        duration = float(finish.max() - self.virtual_time_s) if count else 0.0
-        self.virtual_time_s += duration
-        bytes_up = plan.up_attempts * model_bytes
-        bytes_down = plan.down_attempts * model_bytes
-        self.cumulative_up += int(bytes_up.sum())
-        self.cumulative_down += int(bytes_down.sum())
-
-        accuracy = loss = float("nan")
-        if round_index % scenario.logging.eval_every == 0 or round_index == scenario.training.rounds:
-            accuracy, loss = evaluate(self.model, self.layout, self.weights, self.test_x, self.test_y)
-        wall = time.perf_counter() - self.wall_started
-        self.updates_applied += applied
-        row = {
-            "round": round_index,
-            "virtual_time_s": self.virtual_time_s,
-            "round_duration_s": duration,
-            "wall_time_s": wall,
-            "accuracy": float(accuracy),
-            "loss": float(loss),
-            "train_loss": _weighted_mean_or_nan(train_loss, members.num_samples),
-            "updates_applied": applied,
-            "updates_dropped": count - applied,
-            "bytes_up": int(bytes_up.sum()),
-            "bytes_down": int(bytes_down.sum()),
-            "cumulative_bytes_up": self.cumulative_up,
-            "cumulative_bytes_down": self.cumulative_down,
-            "updates_per_s": self.updates_applied / wall if wall > 0 else 0.0,
-        }
-        events = {
+            train_loss[trained_mask] = trained["train_loss"]
+            steps[trained_mask] = trained["steps"]
+        bytes_model = self.layout.num_bytes
+        return {
             "sensor": members.sensor_id,
             "round": np.full(count, round_index, dtype=np.int64),
+            "base_version": base_version.astype(np.int64),
             "tier": np.asarray(members.tier_names)[members.tier],
             "dispatched_at": plan.dispatched_at,
             "download_s": plan.download_s,
             "compute_s": plan.compute_s,
             "upload_s": plan.upload_s,
             "arrived_at": plan.arrived_at,
-            "outcome": plan.outcome,
-            "staleness": np.zeros(count, dtype=np.int64),
+            "outcome": outcome,
+            "staleness": staleness.astype(np.int64),
+            "retransmissions": plan.retransmissions,
             "num_samples": members.num_samples,
             "local_steps": steps,
             "train_loss": train_loss,
-            "bytes_up": bytes_up,
-            "bytes_down": bytes_down,
+            "bytes_up": plan.up_attempts * bytes_model,
+            "bytes_down": plan.down_attempts * bytes_model,
         }
-        self.recorder.record_round(row, events)
-        return row
-
-    def _train(self, round_index: int, positions: np.ndarray) -> dict[str, np.ndarray] | None:
-        """One call per client actor hosting any of ``positions``; results in position order."""
-        if len(positions) == 0:
-            return None
-        weights_ref = ray.put(self.weights)
-        owners = self.owner[positions]
-        calls = []
-        for actor_index in np.unique(owners):
-            mine = positions[owners == actor_index]
-            calls.append(self.actors[actor_index].train.remote(round_index, self.profiles.sensor_id[mine], weights_ref))
-        parts = ray.get(calls)
-        merged = {key: np.concatenate([np.atleast_1d(p[key]) for p in parts]) for key in ("sensor_id", "num_samples", "train_loss", "steps")}
-        merged["updates"] = np.concatenate([p["updates"] for p in parts])
-        order = np.argsort(merged["sensor_id"], kind="stable")
-        return {key: value[order] for key, value in merged.items()}
 
     def finish(self) -> dict[str, Any]:
         """Write the outputs and return the summary and the final global weights."""
         self.recorder.close()
         checkpoints = self.run_dir / "checkpoints"
         checkpoints.mkdir(exist_ok=True)
-        np.savez(
-            checkpoints / "final.npz",
-            weights=self.weights,
-            round=self.round_index,
-            virtual_time_s=self.virtual_time_s,
+        np.savez(checkpoints / "final.npz", weights=self.weights, round=self.step_index,
+                 virtual_time_s=self.virtual_time_s)
+        summary = summarize(self.recorder.metrics_table(), self.scenario.logging.target_accuracy)
+        return {"summary": summary, "weights": self.weights}
+
+
+def _outcome_counts(outcome: np.ndarray) -> dict[str, int]:
+    return {
+        "updates_applied": int((outcome == APPLIED).sum()),
+        "updates_late": int((outcome == LATE).sum()),
+        "updates_lost": int((outcome == LOST).sum()),
+        "updates_offline": int((outcome == OFFLINE).sum()),
+        "updates_dropped": int((outcome != APPLIED).sum()),
+    }
+
+
+# ---------------------------------------------------------------------- synchronous rounds
+
+
+class SyncRounds:
+    """Synchronous FL rounds with a straggler policy (wait-all, deadline, over-commit, min completion)."""
+
+    def __init__(self, coordinator: Coordinator) -> None:
+        self.c = coordinator
+        self.all_positions = np.arange(len(coordinator.profiles))
+
+    def step(self) -> dict[str, Any]:
+        c = self.c
+        scenario = c.scenario
+        policy = scenario.aggregation.stragglers
+        round_index = c.step_index + 1
+        start = c.virtual_time_s
+        k = scenario.aggregation.cohort
+        wanted = math.ceil(k * policy.overcommit) if policy.policy == "over-commit" else k
+        online = self.all_positions[c.availability.online_at(self.all_positions, start)]
+        if len(online) == 0:
+            return self._idle_round(round_index, start)
+        chosen = np.sort(stream(scenario.seed, COHORT, round_index).choice(online, min(wanted, len(online)),
+                                                                           replace=False))
+        plan = c.plan(chosen, round_index, start)
+        outcome = plan.outcome.astype(object)
+        delivered = outcome == APPLIED
+        if policy.policy == "deadline":
+            outcome[delivered & (plan.duration_s > policy.deadline_s)] = LATE
+        elif policy.policy == "over-commit":
+            arrivals = np.flatnonzero(delivered)
+            by_arrival = arrivals[np.lexsort((chosen[arrivals], plan.arrived_at[arrivals]))]
+            outcome[by_arrival[k:]] = LATE
+        accepted = outcome == APPLIED
+        target = min(k, len(chosen)) if policy.policy == "over-commit" else len(chosen)
+        skipped = accepted.sum() < math.ceil(policy.min_completion * k)
+        if skipped:
+            outcome[accepted] = SKIPPED
+            accepted[:] = False
+        # The round ends at its last accepted update if it got every update it waits for,
+        # otherwise at the deadline or when the last task arrived or was given up.
+        if accepted.sum() == target and target > 0:
+            end = plan.arrived_at[accepted].max()
+        elif policy.policy == "deadline":
+            end = start + policy.deadline_s
+        else:
+            end = plan.arrived_at.max()
+        trained = None
+        if accepted.any():
+            positions = chosen[accepted]
+            trained = c.train(positions, np.full(len(positions), round_index), np.zeros(len(positions), np.int64),
+                              {0: c.weights})
+            c.weights = c.strategy.aggregate(c.weights, trained["updates"], trained["num_samples"])
+        c.virtual_time_s = float(end)
+        outcome = outcome.astype(str)
+        events = c.event_rows(chosen, plan, outcome, round_index=round_index,
+                              base_version=np.full(len(chosen), round_index - 1), staleness=np.zeros(len(chosen)),
+                              trained=trained, trained_mask=accepted)
+        wasted = plan.received_model & ~accepted
+        row = {
+            "round": round_index,
+            "round_duration_s": float(end - start),
+            "status": "skipped" if skipped else "ok",
+            "selected": len(chosen),
+            "train_loss": _weighted_mean_or_nan(events["train_loss"], events["num_samples"]),
+            **_outcome_counts(outcome),
+            "retransmissions": int(plan.retransmissions.sum()),
+            "trainings_skipped": int(wasted.sum()),
+            "compute_saved_s": float(plan.compute_s[wasted].sum()),
+            "staleness_mean": 0.0,
+            "staleness_max": 0,
+            "concurrency": len(chosen),
+            "bytes_up": int(events["bytes_up"].sum()),
+            "bytes_down": int(events["bytes_down"].sum()),
+        }
+        return c.record(row, events)
+
+    def _idle_round(self, round_index: int, start: float) -> dict[str, Any]:
+        """No sensor is online: the round waits until the first one comes back."""
+        c = self.c
+        back = float(c.availability.next_online(self.all_positions, np.full(len(self.all_positions), start)).min())
+        if not math.isfinite(back):
+            raise AggregationError(f"round {round_index}: no sensor is online at virtual time {start:g} s or ever after")
+        c.virtual_time_s = back
+        empty = c.event_rows(np.zeros(0, np.int64), c.plan(np.zeros(0, np.int64), round_index, start),
+                             np.zeros(0, str), round_index=round_index, base_version=np.zeros(0),
+                             staleness=np.zeros(0), trained=None, trained_mask=np.zeros(0, bool))
+        row = {"round": round_index, "round_duration_s": back - start, "status": "idle", "selected": 0,
+               "train_loss": float("nan"), **_outcome_counts(np.zeros(0, str)), "retransmissions": 0,
+               "trainings_skipped": 0, "compute_saved_s": 0.0, "staleness_mean": 0.0, "staleness_max": 0,
+               "concurrency": 0, "bytes_up": 0, "bytes_down": 0}
+        return c.record(row, empty)
+
+
+# ---------------------------------------------------------------------- asynchronous steps
+
+
+@dataclass
+class _Task:
+    number: int  # global dispatch order
+    position: int
+    key: int  # the sensor's own task count: keys its clock and training streams
+    version: int  # model version it trains from
+    plan: TaskPlan  # one row
+    update: np.ndarray | None = None
+    num_samples: int = 0
+    train_loss: float = float("nan")
+    steps: int = 0
+
+
+@dataclass
+class _StepLog:
+    """What happened between two server steps."""
+
+    tasks: list[_Task] = field(default_factory=list)
+    outcomes: list[str] = field(default_factory=list)
+    staleness: list[int] = field(default_factory=list)
+    trained: list[bool] = field(default_factory=list)
+
+
+class AsyncSteps:
+    """FedBuff / FedAsync: ``concurrency`` sensors in flight, arrivals applied in virtual-time order.
+
+    A sensor never has two tasks in flight. When a task finishes (delivered,
+    lost or dropped offline), another idle, online sensor is dispatched with
+    the current model version. Training is deferred: when a delivered update is
+    first needed, every pending task is trained in one batch, each from the
+    version it was dispatched with.
+    """
+
+    def __init__(self, coordinator: Coordinator) -> None:
+        self.c = coordinator
+        config = coordinator.scenario.aggregation.strategy
+        self.concurrency = config.concurrency
+        self.max_staleness = config.max_staleness
+        self.version = 0
+        self.versions: dict[int, np.ndarray] = {0: coordinator.weights}
+        self.heap: list[tuple[float, int]] = []  # (arrival time, task number)
+        self.tasks: dict[int, _Task] = {}
+        self.busy = np.zeros(len(coordinator.profiles), dtype=bool)
+        self.task_count = np.zeros(len(coordinator.profiles), dtype=np.int64)
+        self.next_task = 0
+        self.buffer: list[_Task] = []
+        self.buffer_staleness: list[int] = []
+        self.log = _StepLog()
+        self.last_step_time = 0.0
+        self.all_positions = np.arange(len(coordinator.profiles))
+        self._dispatch_initial()
+
+    # -- dispatch
+
+    def _dispatch_initial(self) -> None:
+        """The first wave is sampled exactly like sync round 1's cohort."""
+        c = self.c
+        online = self.all_positions[c.availability.online_at(self.all_positions, 0.0)]
+        count = min(self.concurrency, len(online))
+        chosen = np.sort(stream(c.scenario.seed, COHORT, 1).choice(online, count, replace=False))
+        self._dispatch(chosen, 0.0)
+
+    def _dispatch(self, positions: np.ndarray, now: float) -> None:
+        if len(positions) == 0:
+            return
+        keys = self.task_count[positions] + 1
+        self.task_count[positions] = keys
+        plan = self.c.plan(positions, keys, now)
+        for i, position in enumerate(positions):
+            task = _Task(self.next_task, int(position), int(keys[i]), self.version, _row(plan, i))
+            self.tasks[task.number] = task
+            self.busy[position] = True
+            heapq.heappush(self.heap, (float(task.plan.arrived_at[0]), task.number))
+            self.next_task += 1
+
+    def _refill(self, now: float) -> None:
+        """Bring the sensors in flight back up to the concurrency, choosing idle online sensors."""
+        free = self.concurrency - int(self.busy.sum())
+        if free <= 0:
+            return
+        rng = stream(self.c.scenario.seed, DISPATCH, self.next_task)
+        candidates = rng.permutation(len(self.busy))
+        candidates = candidates[~self.busy[candidates]]
+        picked: list[int] = []
+        for chunk_start in range(0, len(candidates), 256):
+            chunk = candidates[chunk_start:chunk_start + 256]
+            ok = chunk[self.c.availability.online_at(chunk, now)]
+            picked.extend(ok[: free - len(picked)].tolist())
+            if len(picked) == free:
+                break
+        self._dispatch(np.asarray(picked, dtype=np.int64), now)
+
+    # -- the event loop
+
+    def step(self) -> dict[str, Any]:
+        """Process arrivals until the next server step, then record it."""
+        c = self.c
+        while True:
+            if not self.heap:
+                self._wait_for_sensors()
+                continue
+            arrival, number = heapq.heappop(self.heap)
+            task = self.tasks.pop(number)
+            c.virtual_time_s = arrival
+            self.busy[task.position] = False
+            outcome = str(task.plan.outcome[0])
+            staleness = self.version - task.version
+            if outcome == APPLIED and staleness > self.max_staleness:
+                outcome = LATE
+            if outcome == APPLIED:
+                if task.update is None:
+                    self._train_pending(task)
+                self.buffer.append(task)
+                self.buffer_staleness.append(staleness)
+            self.log.tasks.append(task)
+            self.log.outcomes.append(outcome)
+            self.log.staleness.append(staleness)
+            self.log.trained.append(task.update is not None)
+            self._refill(arrival)
+            if len(self.buffer) >= c.strategy.buffer_size:
+                return self._server_step()
+
+    def _wait_for_sensors(self) -> None:
+        """Nothing in flight: jump the clock to when the first idle sensor comes online."""
+        c = self.c
+        idle = self.all_positions[~self.busy]
+        back = c.availability.next_online(idle, np.full(len(idle), c.virtual_time_s)).min() if len(idle) else np.inf
+        if not math.isfinite(back):
+            raise AggregationError(f"no sensor is online at virtual time {c.virtual_time_s:g} s or ever after")
+        c.virtual_time_s = max(float(back), np.nextafter(c.virtual_time_s, np.inf))  # always moves forward
+        self._refill(c.virtual_time_s)
+
+    def _train_pending(self, needed: _Task) -> None:
+        """Train ``needed`` and every in-flight task that will deliver and is not trained yet, in one batch."""
+        pending = [needed] + sorted(
+            (t for t in self.tasks.values() if t.update is None and t.plan.outcome[0] == APPLIED),
+            key=lambda t: t.number,
         )
-        return {"summary": summarize(self.recorder.metrics_table()), "weights": self.weights}
+        trained = self.c.train(
+            np.array([t.position for t in pending], dtype=np.int64),
+            np.array([t.key for t in pending], dtype=np.int64),
+            np.array([t.version for t in pending], dtype=np.int64),
+            self.versions,
+        )
+        for i, task in enumerate(pending):
+            task.update = trained["updates"][i]
+            task.num_samples = int(trained["num_samples"][i])
+            task.train_loss = float(trained["train_loss"][i])
+            task.steps = int(trained["steps"][i])
+
+    def _server_step(self) -> dict[str, Any]:
+        c = self.c
+        buffer = self.buffer
+        staleness = np.array(self.buffer_staleness, dtype=np.int64)
+        c.weights = c.strategy.step(
+            c.weights,
+            np.stack([self.versions[t.version] for t in buffer]),
+            np.stack([t.update for t in buffer]),
+            staleness,
+            np.array([t.num_samples for t in buffer], dtype=np.float64),
+        )
+        self.version += 1
+        self.versions[self.version] = c.weights
+        for task in buffer:
+            task.update = None  # applied; free the memory
+        self.buffer, self.buffer_staleness = [], []
+        in_use = {t.version for t in self.tasks.values()} | {self.version}
+        self.versions = {v: w for v, w in self.versions.items() if v in in_use}
+        return self._record(staleness)
+
+    def _record(self, applied_staleness: np.ndarray) -> dict[str, Any]:
+        c = self.c
+        log, self.log = self.log, _StepLog()
+        positions = np.array([t.position for t in log.tasks], dtype=np.int64)
+        plan = _stack([t.plan for t in log.tasks])
+        outcome = np.array(log.outcomes, dtype=str)
+        trained_mask = np.array(log.trained, dtype=bool) & (outcome == APPLIED)
+        trained = {
+            "train_loss": np.array([t.train_loss for t, m in zip(log.tasks, trained_mask) if m]),
+            "steps": np.array([t.steps for t, m in zip(log.tasks, trained_mask) if m], dtype=np.int64),
+        }
+        events = c.event_rows(positions, plan, outcome, round_index=self.version,
+                              base_version=np.array([t.version for t in log.tasks]),
+                              staleness=np.array(log.staleness), trained=trained, trained_mask=trained_mask)
+        wasted = plan.received_model & (outcome != APPLIED)
+        row = {
+            "round": self.version,
+            "round_duration_s": c.virtual_time_s - self.last_step_time,
+            "status": "ok",
+            "selected": len(positions),
+            "train_loss": _weighted_mean_or_nan(events["train_loss"], events["num_samples"]),
+            **_outcome_counts(outcome),
+            "retransmissions": int(plan.retransmissions.sum()),
+            "trainings_skipped": int(wasted.sum()),
+            "compute_saved_s": float(plan.compute_s[wasted].sum()),
+            "staleness_mean": float(applied_staleness.mean()),
+            "staleness_max": int(applied_staleness.max()),
+            "concurrency": int(self.busy.sum()),
+            "bytes_up": int(events["bytes_up"].sum()),
+            "bytes_down": int(events["bytes_down"].sum()),
+        }
+        self.last_step_time = c.virtual_time_s
+        return c.record(row, events, applied_staleness)
+
+
+def _row(plan: TaskPlan, i: int) -> TaskPlan:
+    return TaskPlan(**{name: value[i:i + 1] for name, value in plan.__dict__.items()})
+
+
+def _stack(plans: list[TaskPlan]) -> TaskPlan:
+    if not plans:
+        return TaskPlan(**{name: np.zeros(0) for name in TaskPlan.__dataclass_fields__})
+    return TaskPlan(**{name: np.concatenate([p.__dict__[name] for p in plans]) for name in TaskPlan.__dataclass_fields__})
 
 
 def _weighted_mean_or_nan(values: np.ndarray, weights: np.ndarray) -> float:

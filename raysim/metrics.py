@@ -19,15 +19,26 @@ import pyarrow.parquet as pq
 
 METRICS_SCHEMA = pa.schema(
     [
-        ("round", pa.int64()),
+        ("round", pa.int64()),  # sync: the round; async: the server step (= model version produced)
+        ("status", pa.string()),  # ok | skipped (below min_completion) | idle (no sensor online)
         ("virtual_time_s", pa.float64()),
         ("round_duration_s", pa.float64()),
         ("wall_time_s", pa.float64()),
         ("accuracy", pa.float64()),
         ("loss", pa.float64()),
         ("train_loss", pa.float64()),
+        ("selected", pa.int64()),  # tasks that ended in this round / step
         ("updates_applied", pa.int64()),
-        ("updates_dropped", pa.int64()),
+        ("updates_dropped", pa.int64()),  # late + lost + offline + skipped
+        ("updates_late", pa.int64()),
+        ("updates_lost", pa.int64()),
+        ("updates_offline", pa.int64()),
+        ("retransmissions", pa.int64()),
+        ("trainings_skipped", pa.int64()),  # tasks that got the model but were never trained (dropped anyway)
+        ("compute_saved_s", pa.float64()),  # their virtual compute time
+        ("staleness_mean", pa.float64()),
+        ("staleness_max", pa.int64()),
+        ("concurrency", pa.int64()),  # sensors in flight
         ("bytes_up", pa.int64()),
         ("bytes_down", pa.int64()),
         ("cumulative_bytes_up", pa.int64()),
@@ -40,6 +51,7 @@ EVENTS_SCHEMA = pa.schema(
     [
         ("sensor", pa.int64()),
         ("round", pa.int64()),
+        ("base_version", pa.int64()),
         ("tier", pa.string()),
         ("dispatched_at", pa.float64()),
         ("download_s", pa.float64()),
@@ -48,6 +60,7 @@ EVENTS_SCHEMA = pa.schema(
         ("arrived_at", pa.float64()),
         ("outcome", pa.string()),
         ("staleness", pa.int64()),
+        ("retransmissions", pa.int64()),
         ("num_samples", pa.int64()),
         ("local_steps", pa.int64()),
         ("train_loss", pa.float64()),
@@ -66,6 +79,12 @@ TB_BY_ROUND = {
     "train_loss": "train_loss",
     "updates_applied": "updates_applied",
     "updates_dropped": "updates_dropped",
+    "updates_late": "updates_late",
+    "updates_lost": "updates_lost",
+    "updates_offline": "updates_offline",
+    "retransmissions": "retransmissions",
+    "staleness_mean": "staleness_mean",
+    "concurrency": "concurrency",
     "bytes_up": "bytes_up",
     "bytes_down": "bytes_down",
     "virtual_time_s": "virtual_time_s",
@@ -87,7 +106,10 @@ class RunRecorder:
 
             self.tb = SummaryWriter(log_dir=str(self.run_dir / "tb"), flush_secs=10)
 
-    def record_round(self, row: dict[str, Any], events: dict[str, np.ndarray]) -> None:
+    def record_round(
+        self, row: dict[str, Any], events: dict[str, np.ndarray], staleness: np.ndarray | None = None
+    ) -> None:
+        """Add one round's (or async step's) row and task events; ``staleness`` of the applied updates."""
         self.metrics.append(row)
         self.events.append(pa.RecordBatch.from_pydict(events, schema=EVENTS_SCHEMA))
         if self.tb is None:
@@ -97,6 +119,8 @@ class RunRecorder:
             value = row[column]
             if value is not None and not (isinstance(value, float) and math.isnan(value)):
                 self.tb.add_scalar(f"round/{tag}", value, step)
+        if staleness is not None and len(staleness):
+            self.tb.add_histogram("round/staleness", np.asarray(staleness), step)
         virtual_ms = int(round(row["virtual_time_s"] * 1000))
         for column, tag in TB_BY_VIRTUAL_TIME.items():
             value = row[column]
@@ -134,8 +158,8 @@ def write_json(data: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def summarize(metrics: pa.Table) -> dict[str, Any]:
-    """Headline figures of a run from its metrics table."""
+def summarize(metrics: pa.Table, target_accuracy: float | None = None) -> dict[str, Any]:
+    """Headline figures of a run from its metrics table, with time- and bytes-to-target if a target is set."""
     columns = metrics.to_pydict()
     rounds = len(columns["round"])
     if rounds == 0:
@@ -149,6 +173,12 @@ def summarize(metrics: pa.Table) -> dict[str, Any]:
         "wall_time_s": wall,
         "updates_applied": applied,
         "updates_dropped": sum(columns["updates_dropped"]),
+        "updates_late": sum(columns["updates_late"]),
+        "updates_lost": sum(columns["updates_lost"]),
+        "updates_offline": sum(columns["updates_offline"]),
+        "rounds_skipped": sum(status == "skipped" for status in columns["status"]),
+        "trainings_skipped": sum(columns["trainings_skipped"]),
+        "compute_saved_s": sum(columns["compute_saved_s"]),
         "bytes_up": columns["cumulative_bytes_up"][-1],
         "bytes_down": columns["cumulative_bytes_down"][-1],
         "updates_per_s": applied / wall if wall > 0 else None,
@@ -160,4 +190,15 @@ def summarize(metrics: pa.Table) -> dict[str, Any]:
         best = max(evaluated, key=lambda item: item[1])
         summary["best_accuracy"] = best[1]
         summary["best_accuracy_round"] = best[0]
+    if target_accuracy is not None:
+        summary["target_accuracy"] = target_accuracy
+        summary.update(round_to_target=None, time_to_target_s=None, bytes_to_target=None)
+        for i, accuracy in enumerate(columns["accuracy"]):
+            if accuracy is not None and accuracy >= target_accuracy:
+                summary.update(
+                    round_to_target=columns["round"][i],
+                    time_to_target_s=columns["virtual_time_s"][i],
+                    bytes_to_target=columns["cumulative_bytes_up"][i] + columns["cumulative_bytes_down"][i],
+                )
+                break
     return summary

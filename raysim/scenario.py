@@ -202,19 +202,52 @@ class Training(Frozen):
 
 
 class Stragglers(Frozen):
-    policy: Literal["wait-all"] = "wait-all"
+    """What a synchronous round does about slow sensors.
+
+    wait-all waits for every delivered update; deadline drops updates arriving
+    more than ``deadline_s`` after the round starts; over-commit selects
+    ceil(cohort × overcommit) sensors and keeps the first ``cohort`` to arrive.
+    With any policy, a round that accepts fewer than
+    ceil(min_completion × cohort) updates is skipped: the model is unchanged,
+    nothing is trained, and the round is recorded as skipped.
+    """
+
+    policy: Literal["wait-all", "deadline", "over-commit"] = "wait-all"
+    deadline_s: Optional[PositiveFloat] = None
+    overcommit: Annotated[float, Field(ge=1.0, le=10.0)] = 1.3
+    min_completion: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+
+    @model_validator(mode="after")
+    def _policy_fields(self) -> "Stragglers":
+        if self.policy == "deadline" and self.deadline_s is None:
+            raise ValueError("policy deadline needs deadline_s (virtual seconds from the round's start)")
+        if self.policy != "deadline" and self.deadline_s is not None:
+            raise ValueError(f"deadline_s is only used by policy deadline, not {self.policy}")
+        return self
 
 
 class Aggregation(Frozen):
-    mode: Literal["sync"] = "sync"
+    mode: Literal["sync", "async"] = "sync"
     strategy: STRATEGIES.config_union() = Field(default_factory=lambda: STRATEGIES.entry("fedavg").config())  # type: ignore[valid-type]
-    cohort: PositiveInt = 100
+    cohort: PositiveInt = 100  # sync: sensors per round (async: concurrency is the strategy's)
     stragglers: Stragglers = Stragglers()
 
     @model_validator(mode="before")
     @classmethod
     def _strategy_name(cls, raw: Any) -> Any:
-        return _default_tag(raw, "strategy", "name", "fedavg")
+        default = "fedbuff" if isinstance(raw, dict) and raw.get("mode") == "async" else "fedavg"
+        return _default_tag(raw, "strategy", "name", default)
+
+    @model_validator(mode="after")
+    def _strategy_fits_mode(self) -> "Aggregation":
+        modes = type(self.strategy).modes
+        if self.mode not in modes:
+            names = [n for n in STRATEGIES.names() if self.mode in STRATEGIES.entry(n).config.modes]
+            raise ValueError(
+                f"strategy {self.strategy.name} runs in {' or '.join(modes)} mode, not {self.mode}; "
+                f"{self.mode} strategies are {', '.join(names)}"
+            )
+        return self
 
 
 class ClusterSection(Frozen):
@@ -231,7 +264,8 @@ class ClusterSection(Frozen):
 
 
 class Logging(Frozen):
-    eval_every: PositiveInt = 1
+    eval_every: PositiveInt = 1  # evaluate every this many rounds (sync) or server steps (async)
+    target_accuracy: Optional[Annotated[float, Field(gt=0, le=1)]] = None  # for time- and bytes-to-accuracy
     tensorboard: bool = True
     progress: bool = True  # live progress bar on the terminal
 
@@ -259,7 +293,13 @@ class Scenario(Frozen):
 
     @model_validator(mode="after")
     def _combinations(self) -> "Scenario":
-        if self.aggregation.cohort > self.fleet.sensors:
+        strategy = self.aggregation.strategy
+        if self.aggregation.mode == "async" and strategy.concurrency > self.fleet.sensors:
+            raise ValueError(
+                f"aggregation.strategy.concurrency ({strategy.concurrency}) is larger than fleet.sensors "
+                f"({self.fleet.sensors}): a sensor never has two tasks in flight"
+            )
+        if self.aggregation.mode == "sync" and self.aggregation.cohort > self.fleet.sensors:
             raise ValueError(
                 f"aggregation.cohort ({self.aggregation.cohort}) is larger than fleet.sensors ({self.fleet.sensors})"
             )

@@ -112,8 +112,12 @@ def _check_cohort(
     layout: ParamLayout, global_flat: np.ndarray, datasets: Sequence[Dataset], plans: Sequence[Plan]
 ) -> np.ndarray:
     global_flat = np.array(global_flat, dtype=np.float32)  # a private, writable copy
-    if global_flat.shape != (layout.size,):
-        raise ValueError(f"global weights must have shape ({layout.size},), got {global_flat.shape}")
+    if global_flat.shape == (layout.size,):
+        global_flat = np.broadcast_to(global_flat, (len(datasets), layout.size))
+    if global_flat.shape != (len(datasets), layout.size):
+        raise ValueError(
+            f"start weights must have shape ({layout.size},) or ({len(datasets)}, {layout.size}), got {global_flat.shape}"
+        )
     if len(datasets) != len(plans):
         raise ValueError(f"got {len(datasets)} datasets but {len(plans)} batch plans")
     for i, ((x, y), plan) in enumerate(zip(datasets, plans)):
@@ -137,7 +141,7 @@ def _mean_loss(loss_sum: np.ndarray, steps: np.ndarray) -> np.ndarray:
 def train_reference(
     model: nn.Module,
     layout: ParamLayout,
-    global_flat: np.ndarray,
+    global_flat: np.ndarray,  # (d,) shared start weights, or (S, d): one start per sensor
     datasets: Sequence[Dataset],
     plans: Sequence[Plan],
     cfg: LocalTraining,
@@ -155,7 +159,7 @@ def train_reference(
     for i, ((x, y), plan) in enumerate(zip(datasets, plans)):
         x_t = _tensor(x, torch.float32)
         y_t = _tensor(y, torch.int64)
-        layout.load_into(model, global_flat)
+        layout.load_into(model, global_flat[i])
         for idx in plan:
             idx_t = torch.as_tensor(idx, dtype=torch.int64)
             loss = F.cross_entropy(model(x_t[idx_t]), y_t[idx_t])
@@ -164,14 +168,14 @@ def train_reference(
                 for p, g in zip(params, grads):
                     p.sub_(cfg.lr * (g + cfg.weight_decay * p))
             loss_sum[i] += loss.item()
-        updates[i] = layout.flatten(model) - global_flat
+        updates[i] = layout.flatten(model) - global_flat[i]
     return TrainResult(updates, _mean_loss(loss_sum, steps), steps)
 
 
 def train_vectorized(
     model: nn.Module,
     layout: ParamLayout,
-    global_flat: np.ndarray,
+    global_flat: np.ndarray,  # (d,) shared start weights, or (S, d): one start per sensor
     datasets: Sequence[Dataset],
     plans: Sequence[Plan],
     cfg: LocalTraining,
@@ -215,7 +219,7 @@ def train_vectorized(
     # backward of slicing a flat row would materialise a zero (S, d) tensor
     # per parameter tensor.
     cohort_step = vmap(grad_and_value(batch_loss))
-    weights = torch.from_numpy(global_flat).expand(len(active), -1).clone()
+    weights = torch.from_numpy(global_flat[active])  # fancy indexing copies: private to this call
     step_losses = torch.zeros(len(active), dtype=torch.float64)
     active_steps = steps[active]
     for s in range(int(active_steps[0])):
@@ -241,7 +245,7 @@ def train_vectorized(
                 p.add_(g, alpha=-cfg.lr)
         step_losses[:width] += losses.to(torch.float64)
 
-    updates[active] = weights.sub_(torch.from_numpy(global_flat)).numpy()
+    updates[active] = weights.sub_(torch.from_numpy(global_flat[active])).numpy()
     loss_sum[active] = step_losses.numpy()
     return TrainResult(updates, _mean_loss(loss_sum, steps), steps)
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from raysim.clock import APPLIED, LOST, plan_tasks
+from raysim.clock import APPLIED, LOST, OFFLINE, plan_tasks
 from raysim.fleet.profiles import FleetProfiles
 
 
 def profiles(count: int, *, loss: float = 0.0, retries: int = 3, samples: int = 50, sps: float = 0.01,
-             up: float = 1.0, down: float = 4.0, latency_ms: float = 100.0, rto: float = 2.0) -> FleetProfiles:
+             up: float = 1.0, down: float = 4.0, latency_ms: float = 100.0, rto: float = 2.0,
+             jitter: float = 0.0) -> FleetProfiles:
     def full(value, dtype=np.float64):
         return np.full(count, value, dtype=dtype)
 
@@ -25,12 +26,13 @@ def profiles(count: int, *, loss: float = 0.0, retries: int = 3, samples: int = 
         loss=full(loss),
         retransmit_timeout_s=full(rto),
         max_retries=full(retries, np.int32),
+        jitter_sigma=full(jitter),
         tier_names=("only",),
     )
 
 
 def plan(p: FleetProfiles, round_index: int = 1, **kw):
-    args = dict(seed=5, round_index=round_index, dispatched_at=100.0, bytes_down=250_000, bytes_up=125_000, epochs=2)
+    args = dict(seed=5, task_keys=round_index, dispatched_at=100.0, bytes_down=250_000, bytes_up=125_000, epochs=2)
     args.update(kw)
     return plan_tasks(p, **args)
 
@@ -98,3 +100,43 @@ def test_compute_scales_with_samples_and_epochs(epochs):
     large = plan(profiles(1, samples=40), epochs=epochs)
     np.testing.assert_allclose(large.compute_s, 4 * small.compute_s)
     np.testing.assert_allclose(small.compute_s, 10 * epochs * 0.01)
+
+
+def test_compute_jitter_is_lognormal_around_the_median():
+    result = plan(profiles(4000, jitter=0.5))
+    factors = result.compute_s / 1.0  # 50 samples × 2 epochs × 0.01 s
+    assert abs(np.median(factors) - 1.0) < 0.05
+    assert abs(np.log(factors).std() - 0.5) < 0.03
+
+
+class OnlineUntil:
+    """Availability double: every sensor is online on [0, until) and offline after."""
+
+    def __init__(self, until: float) -> None:
+        self.until = until
+
+    def first_offline(self, positions, start, end):
+        start, end = np.broadcast_arrays(start, end)
+        return np.where(end >= self.until, np.maximum(start, self.until), np.inf)
+
+
+def test_a_sensor_going_offline_mid_task_drops_it_then():
+    # Lossless task: download 0.6 s, compute 1 s, upload 1.1 s; dispatched at 100 s.
+    result = plan(profiles(3), availability=OnlineUntil(101.8), positions=np.arange(3))
+    assert (result.outcome == OFFLINE).all() and not result.delivered.any()
+    np.testing.assert_allclose(result.arrived_at, 101.8)
+    np.testing.assert_allclose(result.download_s, 0.6)
+    np.testing.assert_allclose(result.compute_s, 1.0)
+    np.testing.assert_allclose(result.upload_s, 0.2)
+    still_online = plan(profiles(3), availability=OnlineUntil(103.0), positions=np.arange(3))
+    assert still_online.delivered.all()
+    np.testing.assert_allclose(still_online.arrived_at, 102.7)
+
+
+def test_per_task_keys_give_each_task_its_own_draws():
+    p = profiles(50, loss=0.5, retries=1)
+    one_key = plan(p, round_index=3)
+    per_task = plan(p, round_index=np.full(50, 3))
+    np.testing.assert_array_equal(one_key.arrived_at, per_task.arrived_at)
+    mixed = plan(p, round_index=np.arange(50))
+    assert not np.array_equal(mixed.arrived_at, one_key.arrived_at)

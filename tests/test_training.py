@@ -291,3 +291,21 @@ def test_a_sensors_vectorized_update_does_not_depend_on_its_cohort():
         part = train_vectorized(model, layout, start, [datasets[i] for i in subset], [plans[i] for i in subset], cfg)
         np.testing.assert_array_equal(part.updates, whole.updates[subset])
         np.testing.assert_array_equal(part.train_loss, whole.train_loss[subset])
+
+
+@pytest.mark.parametrize("train", [train_reference, train_vectorized])
+def test_each_sensor_can_start_from_its_own_weights(train):
+    """Async training batches sensors that started from different model versions."""
+    config = MLPConfig(hidden=(8,))
+    model = build_model(config, 2, 8, 3)
+    layout = ParamLayout.of(model)
+    starts = np.stack([init_weights(config, 2, 8, 3, seed=s) for s in (1, 2, 3)])
+    rng = np.random.default_rng(9)
+    datasets = [(rng.normal(size=(n, 2, 8)).astype(np.float32), rng.integers(0, 3, n)) for n in (5, 9, 7)]
+    cfg = LocalTraining(epochs=1, batch_size=4, lr=0.1)
+    plans = [batch_plan(len(y), 1, 4, np.random.default_rng(i)) for i, (_, y) in enumerate(datasets)]
+    together = train(model, layout, starts, datasets, plans, cfg)
+    for i in range(3):
+        alone = train(model, layout, starts[i], [datasets[i]], [plans[i]], cfg)
+        np.testing.assert_allclose(together.updates[i], alone.updates[0], atol=1e-6)
+    assert not np.allclose(together.updates[0], train(model, layout, starts[1], [datasets[0]], [plans[0]], cfg).updates[0])

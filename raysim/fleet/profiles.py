@@ -3,6 +3,10 @@
 Profiles are columnar numpy arrays aligned by position (position i is the
 i-th sensor in sorted id order), not one Python object per sensor, so a fleet
 of a million sensors is a few dozen megabytes and slices cheaply into shards.
+
+Each sensor draws its own speed and bandwidths from its tier, from its own
+stream ``stream(seed, PROFILE, sensor_id)``, so a sensor's profile depends only
+on the seed, its id and its tier, never on the fleet's size or order.
 """
 
 from __future__ import annotations
@@ -12,16 +16,24 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from raysim.streams import PROFILE, keyed_streams
+
 if TYPE_CHECKING:
     from raysim.scenario import Scenario, Tier
 
 _TIER_STREAM = 201  # stream code of the tier assignment permutation
 
+# Per-sensor columns drawn around the tier's median: column → the tier's σ for it.
+# The order is the order of the draws from the sensor's stream; never reorder it.
+_DRAWN_COLUMNS = {
+    "seconds_per_sample": "speed_sigma",
+    "up_mbps": "bandwidth_sigma",
+    "down_mbps": "bandwidth_sigma",
+}
+
 # Per-sensor columns copied from the tier, with their dtypes.
 _TIER_COLUMNS = {
-    "seconds_per_sample": np.float64,
-    "up_mbps": np.float64,
-    "down_mbps": np.float64,
+    "jitter_sigma": np.float64,
     "latency_ms": np.float64,
     "loss": np.float64,
     "retransmit_timeout_s": np.float64,
@@ -36,14 +48,20 @@ class FleetProfiles:
     sensor_id: np.ndarray  # int64
     tier: np.ndarray  # int16, index into tier_names / scenario.fleet.tiers
     num_samples: np.ndarray  # int64, training samples held by the sensor
-    seconds_per_sample: np.ndarray  # float64, compute time of one sample in one local epoch
-    up_mbps: np.ndarray  # float64
-    down_mbps: np.ndarray  # float64
+    seconds_per_sample: np.ndarray  # float64, compute time of one sample in one local epoch (this sensor's draw)
+    up_mbps: np.ndarray  # float64, this sensor's draw
+    down_mbps: np.ndarray  # float64, this sensor's draw
     latency_ms: np.ndarray  # float64
     loss: np.ndarray  # float64, probability that one transfer attempt is lost
     retransmit_timeout_s: np.ndarray  # float64
     max_retries: np.ndarray  # int32
+    # float64, σ of the per-task lognormal compute jitter (the clock draws it); omitted means no jitter
+    jitter_sigma: np.ndarray | None = None
     tier_names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.jitter_sigma is None:
+            object.__setattr__(self, "jitter_sigma", np.zeros(len(self.sensor_id)))
 
     def __len__(self) -> int:
         return len(self.sensor_id)
@@ -96,9 +114,17 @@ def assign_tiers(tiers: Sequence["Tier"], sensors: int, seed: int) -> np.ndarray
 
 
 def build_profiles(scenario: "Scenario", sensor_ids: np.ndarray, num_samples: np.ndarray) -> FleetProfiles:
-    """Profiles of the fleet: sensor position i gets its assigned tier's values.
+    """Profiles of the fleet: each sensor draws its own values around its assigned tier's medians.
 
-    ``sensor_ids`` and ``num_samples`` are aligned; positions follow them as given.
+        seconds_per_sample = tier.seconds_per_sample · exp(speed_sigma · z₁)
+        up_mbps            = tier.up_mbps            · exp(bandwidth_sigma · z₂)
+        down_mbps          = tier.down_mbps          · exp(bandwidth_sigma · z₃)
+
+    z₁, z₂, z₃ ~ N(0, 1) are the first three draws of ``stream(seed, PROFILE,
+    sensor_id)``, always all three, so a σ of 0 leaves the tier's value exact
+    and changing one tier's σ does not move any other sensor. The other
+    columns are copied from the tier. ``sensor_ids`` and ``num_samples`` are
+    aligned; positions follow them as given.
     """
     sensor_ids = np.asarray(sensor_ids, dtype=np.int64).reshape(-1)
     num_samples = np.asarray(num_samples, dtype=np.int64).reshape(-1)
@@ -106,9 +132,16 @@ def build_profiles(scenario: "Scenario", sensor_ids: np.ndarray, num_samples: np
         raise ValueError(f"{len(sensor_ids)} sensor ids but {len(num_samples)} sample counts")
     tiers = scenario.fleet.tiers
     tier = assign_tiers(tiers, len(sensor_ids), scenario.seed)
-    columns = {
-        name: np.array([getattr(t, name) for t in tiers], dtype=dtype)[tier] for name, dtype in _TIER_COLUMNS.items()
-    }
+    z = np.empty((len(sensor_ids), len(_DRAWN_COLUMNS)))
+    for row, rng in enumerate(keyed_streams(scenario.seed, PROFILE, sensor_ids[:, None])):
+        z[row] = rng.standard_normal(len(_DRAWN_COLUMNS))
+    columns = {}
+    for k, (name, sigma_name) in enumerate(_DRAWN_COLUMNS.items()):
+        median = np.array([getattr(t, name) for t in tiers], dtype=np.float64)[tier]
+        sigma = np.array([getattr(t, sigma_name) for t in tiers], dtype=np.float64)[tier]
+        columns[name] = median * np.exp(sigma * z[:, k])
+    for name, dtype in _TIER_COLUMNS.items():
+        columns[name] = np.array([getattr(t, name) for t in tiers], dtype=dtype)[tier]
     return FleetProfiles(
         sensor_id=sensor_ids,
         tier=tier,

@@ -7,7 +7,7 @@ arrays and return new arrays; nothing here knows about Ray.
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from typing import ClassVar, Literal, Protocol
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, PositiveFloat
@@ -17,11 +17,26 @@ from raysim.registry import Registry
 
 
 class Strategy(Protocol):
-    """Server-side aggregation of one round's (or one async step's) updates."""
+    """Synchronous server-side aggregation of one round's updates."""
 
     def aggregate(self, global_weights: np.ndarray, updates: np.ndarray, num_samples: np.ndarray) -> np.ndarray:
         """Return the new global weights from ``updates`` (n, d) and each update's sample count (n,)."""
         ...
+
+
+class AsyncStrategy(Protocol):
+    """Asynchronous server step over a buffer of (possibly stale) updates."""
+
+    buffer_size: int  # delivered updates per server step
+
+    def step(
+        self,
+        global_weights: np.ndarray,
+        base_weights: np.ndarray,  # (n, d): the version each update was trained from
+        deltas: np.ndarray,  # (n, d)
+        staleness: np.ndarray,  # (n,) server steps since each base version
+        num_samples: np.ndarray,  # (n,)
+    ) -> np.ndarray: ...
 
 
 STRATEGIES: Registry[Strategy] = Registry("aggregation.strategy")
@@ -52,6 +67,7 @@ def weighted_mean(updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 class FedAvgConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+    modes: ClassVar[tuple[str, ...]] = ("sync",)
 
     name: Literal["fedavg"] = "fedavg"
     weighting: Literal["samples", "uniform"] = "samples"  # p_k ∝ n_k (McMahan et al.) or uniform
@@ -77,4 +93,7 @@ class FedAvg:
 
 STRATEGIES.register("fedavg", FedAvgConfig)(FedAvg)
 
-__all__ = ["STRATEGIES", "FedAvg", "FedAvgConfig", "Strategy", "weighted_mean"]
+# Registers FedBuff and FedAsync (imported for that side effect, after the registry exists).
+from raysim.strategies import asynchronous  # noqa: E402,F401
+
+__all__ = ["STRATEGIES", "AsyncStrategy", "FedAvg", "FedAvgConfig", "Strategy", "weighted_mean"]

@@ -1,0 +1,108 @@
+"""Straggler policies and asynchronous aggregation on the heavy-tailed three-tier fleet.
+
+Runs sync FedAvg (wait-all, deadline, over-commit) and FedBuff side by side in
+one Ray instance and reports, for each, the virtual time and bytes at which
+the global model first reaches the scenarios' target accuracy, plus wall-clock
+throughput (sensor updates per second) of sync against async runs.
+
+    python benchmarks/stragglers.py [--sensors 1000] [--out benchmarks/results/stragglers.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+
+import raysim
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = {
+    "sync wait-all": "three_tier_wait_all.yaml",
+    "sync deadline": "three_tier_deadline.yaml",
+    "sync over-commit": "three_tier_overcommit.yaml",
+    "fedbuff": "three_tier_fedbuff.yaml",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sensors", type=int, default=1000)
+    parser.add_argument("--target", type=float, default=None, help="target accuracy (default: the scenarios')")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "stragglers.json")
+    args = parser.parse_args(argv)
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
+    results = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for label, file in VARIANTS.items():
+            overrides = [f"fleet.sensors={args.sensors}", "logging.progress=false"]
+            if args.target is not None:
+                overrides.append(f"logging.target_accuracy={args.target}")
+            scenario = raysim.load_scenario(ROOT / "scenarios" / file, overrides)
+            started = time.perf_counter()
+            result = raysim.run(scenario, out_dir=Path(scratch) / file.removesuffix(".yaml"))
+            s = result.summary
+            results[label] = {
+                "scenario": file,
+                "target_accuracy": s.get("target_accuracy"),
+                "time_to_target_s": s.get("time_to_target_s"),
+                "bytes_to_target": s.get("bytes_to_target"),
+                "round_to_target": s.get("round_to_target"),
+                "final_accuracy": s.get("final_accuracy"),
+                "virtual_time_s": s["virtual_time_s"],
+                "updates_applied": s["updates_applied"],
+                "updates_late": s["updates_late"],
+                "updates_lost": s["updates_lost"],
+                "updates_offline": s["updates_offline"],
+                "trainings_skipped": s["trainings_skipped"],
+                "wall_s": time.perf_counter() - started,
+                "updates_per_s": s["updates_per_s"],
+            }
+            print(f"{label:18s} done in {results[label]['wall_s']:.1f} s", file=sys.stderr)
+    ray.shutdown()
+
+    sync_rate = results["sync wait-all"]["updates_per_s"]
+    async_rate = results["fedbuff"]["updates_per_s"]
+    report = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "sensors": args.sensors,
+        "variants": results,
+        "fedbuff_vs_wait_all_time_to_target": _ratio(results["fedbuff"]["time_to_target_s"],
+                                                     results["sync wait-all"]["time_to_target_s"]),
+        "async_vs_sync_throughput": async_rate / sync_rate if sync_rate else None,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    _print_table(report)
+    print(f"written to {args.out}")
+    return 0
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def _print_table(report: dict) -> None:
+    header = f"{'variant':18s} {'time→target s':>14s} {'MB→target':>10s} {'final acc':>9s} {'applied':>8s} " \
+             f"{'late':>6s} {'lost':>5s} {'offline':>7s} {'updates/s':>10s}"
+    print(header)
+    for label, r in report["variants"].items():
+        ttt = f"{r['time_to_target_s']:.1f}" if r["time_to_target_s"] is not None else "not reached"
+        mb = f"{r['bytes_to_target'] / 1e6:.1f}" if r["bytes_to_target"] is not None else "-"
+        print(f"{label:18s} {ttt:>14s} {mb:>10s} {r['final_accuracy']:9.3f} {r['updates_applied']:8d} "
+              f"{r['updates_late']:6d} {r['updates_lost']:5d} {r['updates_offline']:7d} {r['updates_per_s']:10.0f}")
+    ratio = report["fedbuff_vs_wait_all_time_to_target"]
+    print(f"FedBuff time-to-target / wait-all: {ratio:.2f}" if ratio else "FedBuff or wait-all did not reach the target")
+    print(f"async / sync throughput: {report['async_vs_sync_throughput']:.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+"""Table comparisons shared by tests."""
+
+from __future__ import annotations
+
+
+def assert_tables_identical(left, right) -> None:
+    """Every column equal, bit for bit, with NaN equal to NaN (pyarrow's equals says NaN != NaN)."""
+    import numpy as np
+
+    assert left.column_names == right.column_names
+    assert left.num_rows == right.num_rows
+    for name in left.column_names:
+        a = left[name].to_numpy(zero_copy_only=False)
+        b = right[name].to_numpy(zero_copy_only=False)
+        same = np.array_equal(a, b, equal_nan=True) if a.dtype.kind == "f" else np.array_equal(a, b)
+        assert same, f"column {name} differs"
