@@ -25,10 +25,12 @@ import raysim
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
-    "sync wait-all": "three_tier_wait_all.yaml",
-    "sync deadline": "three_tier_deadline.yaml",
-    "sync over-commit": "three_tier_overcommit.yaml",
-    "fedbuff": "three_tier_fedbuff.yaml",
+    "sync wait-all": ("three_tier_wait_all.yaml", []),
+    "sync deadline": ("three_tier_deadline.yaml", []),
+    "sync over-commit": ("three_tier_overcommit.yaml", []),
+    "fedbuff": ("three_tier_fedbuff.yaml", []),
+    # The same number of updates per aggregation as FedBuff's buffer (K = 20), for the throughput comparison.
+    "sync wait-all, cohort 20": ("three_tier_wait_all.yaml", ["aggregation.cohort=20", "training.rounds=120"]),
 }
 
 
@@ -42,13 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
-        for label, file in VARIANTS.items():
-            overrides = [f"fleet.sensors={args.sensors}", "logging.progress=false"]
+        for label, (file, extra) in VARIANTS.items():
+            overrides = [f"fleet.sensors={args.sensors}", "logging.progress=false", *extra]
             if args.target is not None:
                 overrides.append(f"logging.target_accuracy={args.target}")
             scenario = raysim.load_scenario(ROOT / "scenarios" / file, overrides)
             started = time.perf_counter()
-            result = raysim.run(scenario, out_dir=Path(scratch) / file.removesuffix(".yaml"))
+            result = raysim.run(scenario, out_dir=Path(scratch) / label.replace(" ", "-").replace(",", ""))
             s = result.summary
             results[label] = {
                 "scenario": file,
@@ -70,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     ray.shutdown()
 
     sync_rate = results["sync wait-all"]["updates_per_s"]
+    same_size_rate = results["sync wait-all, cohort 20"]["updates_per_s"]
     async_rate = results["fedbuff"]["updates_per_s"]
     report = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
@@ -78,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         "fedbuff_vs_wait_all_time_to_target": _ratio(results["fedbuff"]["time_to_target_s"],
                                                      results["sync wait-all"]["time_to_target_s"]),
         "async_vs_sync_throughput": async_rate / sync_rate if sync_rate else None,
+        "async_vs_same_size_sync_throughput": async_rate / same_size_rate if same_size_rate else None,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
@@ -91,17 +95,18 @@ def _ratio(a, b):
 
 
 def _print_table(report: dict) -> None:
-    header = f"{'variant':18s} {'time→target s':>14s} {'MB→target':>10s} {'final acc':>9s} {'applied':>8s} " \
+    header = f"{'variant':26s} {'time→target s':>14s} {'MB→target':>10s} {'final acc':>9s} {'applied':>8s} " \
              f"{'late':>6s} {'lost':>5s} {'offline':>7s} {'updates/s':>10s}"
     print(header)
     for label, r in report["variants"].items():
         ttt = f"{r['time_to_target_s']:.1f}" if r["time_to_target_s"] is not None else "not reached"
         mb = f"{r['bytes_to_target'] / 1e6:.1f}" if r["bytes_to_target"] is not None else "-"
-        print(f"{label:18s} {ttt:>14s} {mb:>10s} {r['final_accuracy']:9.3f} {r['updates_applied']:8d} "
+        print(f"{label:26s} {ttt:>14s} {mb:>10s} {r['final_accuracy']:9.3f} {r['updates_applied']:8d} "
               f"{r['updates_late']:6d} {r['updates_lost']:5d} {r['updates_offline']:7d} {r['updates_per_s']:10.0f}")
     ratio = report["fedbuff_vs_wait_all_time_to_target"]
     print(f"FedBuff time-to-target / wait-all: {ratio:.2f}" if ratio else "FedBuff or wait-all did not reach the target")
-    print(f"async / sync throughput: {report['async_vs_sync_throughput']:.2f}")
+    print(f"async / sync throughput: {report['async_vs_sync_throughput']:.2f} against cohort 100, "
+          f"{report['async_vs_same_size_sync_throughput']:.2f} against cohort 20 (= FedBuff's K)")
 
 
 if __name__ == "__main__":

@@ -80,15 +80,17 @@ class Coordinator:
     # ------------------------------------------------------------------ shared by both loops
 
     def train(
-        self, positions: np.ndarray, task_keys: np.ndarray, versions: np.ndarray, weights: dict[int, np.ndarray]
-    ) -> dict[str, np.ndarray]:
-        """Train tasks (sensor ``positions[i]`` from model version ``versions[i]``); results in input order.
+        self, positions: np.ndarray, task_keys: np.ndarray, versions: np.ndarray, weights: dict[int, Any]
+    ) -> "_Training":
+        """Start training tasks (sensor ``positions[i]`` from model version ``versions[i]``).
 
-        One call per client actor hosting any of them; each version's weights
-        are ``ray.put`` once and shared by every call.
+        One call per client actor hosting any of them; ``weights`` maps a
+        version to its weights or to an object ref of them, so each version is
+        ``ray.put`` once and shared. The returned handle's ``result()`` waits and
+        gives the results in input order; until then the coordinator is free.
         """
         needed = sorted(set(versions.tolist()))
-        refs = [ray.put(weights[v]) for v in needed]
+        refs = [weights[v] if isinstance(weights[v], ray.ObjectRef) else ray.put(weights[v]) for v in needed]
         slot = {v: i for i, v in enumerate(needed)}
         version_slots = np.array([slot[v] for v in versions.tolist()], dtype=np.int64)
         owners = self.owner[positions]
@@ -101,13 +103,7 @@ class Coordinator:
                     task_keys[mine], self.profiles.sensor_id[positions[mine]], version_slots[mine], *refs
                 )
             )
-        parts = ray.get(calls)
-        order = np.empty(len(positions), dtype=np.int64)
-        order[np.concatenate(rows)] = np.arange(len(positions))
-        merged = {key: np.concatenate([np.atleast_1d(p[key]) for p in parts])[order]
-                  for key in ("num_samples", "train_loss", "steps")}
-        merged["updates"] = np.concatenate([p["updates"] for p in parts])[order]
-        return merged
+        return _Training(calls, rows, len(positions))
 
     def plan(self, positions: np.ndarray, task_keys: np.ndarray | int, dispatched_at: float) -> TaskPlan:
         bytes_model = self.layout.num_bytes
@@ -188,6 +184,25 @@ class Coordinator:
         return {"summary": summary, "weights": self.weights}
 
 
+class _Training:
+    """Training calls in progress on the client actors; ``result()`` collects them once."""
+
+    def __init__(self, calls: list[Any], rows: list[np.ndarray], count: int) -> None:
+        self.calls, self.rows, self.count = calls, rows, count
+        self._result: dict[str, np.ndarray] | None = None
+
+    def result(self) -> dict[str, np.ndarray]:
+        if self._result is None:
+            parts = ray.get(self.calls)
+            order = np.empty(self.count, dtype=np.int64)
+            order[np.concatenate(self.rows)] = np.arange(self.count)
+            merged = {key: np.concatenate([np.atleast_1d(p[key]) for p in parts])[order]
+                      for key in ("num_samples", "train_loss", "steps")}
+            merged["updates"] = np.concatenate([p["updates"] for p in parts])[order]
+            self._result, self.calls = merged, []
+        return self._result
+
+
 def _outcome_counts(outcome: np.ndarray) -> dict[str, int]:
     return {
         "updates_applied": int((outcome == APPLIED).sum()),
@@ -248,7 +263,7 @@ class SyncRounds:
         if accepted.any():
             positions = chosen[accepted]
             trained = c.train(positions, np.full(len(positions), round_index), np.zeros(len(positions), np.int64),
-                              {0: c.weights})
+                              {0: c.weights}).result()
             c.weights = c.strategy.aggregate(c.weights, trained["updates"], trained["num_samples"])
         c.virtual_time_s = float(end)
         outcome = outcome.astype(str)
@@ -294,7 +309,7 @@ class SyncRounds:
 # ---------------------------------------------------------------------- asynchronous steps
 
 
-@dataclass
+@dataclass(eq=False)  # tasks are compared by identity
 class _Task:
     number: int  # global dispatch order
     position: int
@@ -305,26 +320,50 @@ class _Task:
     num_samples: int = 0
     train_loss: float = float("nan")
     steps: int = 0
+    training: "_Training | None" = None  # the batch it was sent in
+    row: int = 0  # its row in that batch
+    trained: bool = False
+
+    def collect(self) -> None:
+        """Wait for this task's training batch and take its results."""
+        result = self.training.result()
+        self.update = result["updates"][self.row]
+        self.num_samples = int(result["num_samples"][self.row])
+        self.train_loss = float(result["train_loss"][self.row])
+        self.steps = int(result["steps"][self.row])
+        self.trained = True
+        self.training = None
 
 
 @dataclass
-class _StepLog:
-    """What happened between two server steps."""
+class _SimulatedStep:
+    """One server step as the schedule decides it: which updates it applies, and what ended before it."""
 
-    tasks: list[_Task] = field(default_factory=list)
+    version: int  # the model version it produces
+    time_s: float  # virtual time of the step
+    buffer: list[_Task] = field(default_factory=list)  # the updates it applies
+    buffer_staleness: list[int] = field(default_factory=list)
+    ended: list[_Task] = field(default_factory=list)  # every task that ended since the previous step
     outcomes: list[str] = field(default_factory=list)
     staleness: list[int] = field(default_factory=list)
-    trained: list[bool] = field(default_factory=list)
+    in_flight: int = 0  # sensors in flight at the step
 
 
 class AsyncSteps:
     """FedBuff / FedAsync: ``concurrency`` sensors in flight, arrivals applied in virtual-time order.
 
-    A sensor never has two tasks in flight. When a task finishes (delivered,
-    lost or dropped offline), another idle, online sensor is dispatched with
-    the current model version. Training is deferred: when a delivered update is
-    first needed, every pending task is trained in one batch, each from the
-    version it was dispatched with.
+    A sensor never has two tasks in flight. When a task ends (delivered, lost,
+    dropped offline or too stale), another idle, online sensor is dispatched
+    with the current model version.
+
+    The schedule — who is dispatched when, with which version, what arrives
+    when, which updates each server step applies — depends on profiles and
+    availability, never on the weights, so it is simulated one step ahead of
+    the model. That fixes, before the weights of version v exist, every task
+    that will train from v: they are sent to the client actors as one batch as
+    soon as v is computed, and train while the coordinator simulates the next
+    step. Each task is trained once, in the batch of its version, and one call
+    per client actor per server step is the fewest the dependencies allow.
     """
 
     def __init__(self, coordinator: Coordinator) -> None:
@@ -332,21 +371,31 @@ class AsyncSteps:
         config = coordinator.scenario.aggregation.strategy
         self.concurrency = config.concurrency
         self.max_staleness = config.max_staleness
+        self.buffer_size = coordinator.strategy.buffer_size
+        fleet_size = len(coordinator.profiles)
+        self.all_positions = np.arange(fleet_size)
+        # The simulated schedule.
+        self.clock_s = 0.0
+        self.sim_version = 0
+        self.heap: list[tuple[float, int]] = []  # (arrival time, task number)
+        self.tasks: dict[int, _Task] = {}  # in flight in the simulation
+        self.busy = np.zeros(fleet_size, dtype=bool)
+        self.task_count = np.zeros(fleet_size, dtype=np.int64)
+        self.next_task = 0
+        self.dispatch_rng = stream(coordinator.scenario.seed, DISPATCH)
+        self.pending = _SimulatedStep(version=1, time_s=0.0)
+        self.simulated: list[_SimulatedStep] = []  # simulated, not yet applied to the model
+        self.unsent: dict[int, list[_Task]] = {}  # version → tasks that will train from it
+        # The model.
         self.version = 0
         self.versions: dict[int, np.ndarray] = {0: coordinator.weights}
-        self.heap: list[tuple[float, int]] = []  # (arrival time, task number)
-        self.tasks: dict[int, _Task] = {}
-        self.busy = np.zeros(len(coordinator.profiles), dtype=bool)
-        self.task_count = np.zeros(len(coordinator.profiles), dtype=np.int64)
-        self.next_task = 0
-        self.buffer: list[_Task] = []
-        self.buffer_staleness: list[int] = []
-        self.log = _StepLog()
         self.last_step_time = 0.0
-        self.all_positions = np.arange(len(coordinator.profiles))
-        self._dispatch_initial()
 
-    # -- dispatch
+        self._dispatch_initial()
+        self._simulate_step()
+        self._send(0)
+
+    # -- the schedule
 
     def _dispatch_initial(self) -> None:
         """The first wave is sampled exactly like sync round 1's cohort."""
@@ -363,125 +412,144 @@ class AsyncSteps:
         self.task_count[positions] = keys
         plan = self.c.plan(positions, keys, now)
         for i, position in enumerate(positions):
-            task = _Task(self.next_task, int(position), int(keys[i]), self.version, _row(plan, i))
+            task = _Task(self.next_task, int(position), int(keys[i]), self.sim_version, _row(plan, i))
             self.tasks[task.number] = task
             self.busy[position] = True
             heapq.heappush(self.heap, (float(task.plan.arrived_at[0]), task.number))
+            if task.plan.outcome[0] == APPLIED:
+                self.unsent.setdefault(task.version, []).append(task)
             self.next_task += 1
 
     def _refill(self, now: float) -> None:
-        """Bring the sensors in flight back up to the concurrency, choosing idle online sensors."""
+        """Bring the sensors in flight back up to the concurrency, choosing idle online sensors uniformly.
+
+        The schedule is simulated in one fixed order, so a single generator
+        keeps it reproducible. A few random draws almost always find enough
+        idle online sensors; when most of the fleet is busy or offline, a full
+        permutation settles it.
+        """
         free = self.concurrency - int(self.busy.sum())
         if free <= 0:
             return
-        rng = stream(self.c.scenario.seed, DISPATCH, self.next_task)
-        candidates = rng.permutation(len(self.busy))
+        draws = self.dispatch_rng.integers(len(self.busy), size=8 * free)
+        _, first = np.unique(draws, return_index=True)
+        candidates = draws[np.sort(first)]
         candidates = candidates[~self.busy[candidates]]
-        picked: list[int] = []
-        for chunk_start in range(0, len(candidates), 256):
-            chunk = candidates[chunk_start:chunk_start + 256]
-            ok = chunk[self.c.availability.online_at(chunk, now)]
-            picked.extend(ok[: free - len(picked)].tolist())
-            if len(picked) == free:
-                break
-        self._dispatch(np.asarray(picked, dtype=np.int64), now)
+        picked = candidates[self.c.availability.online_at(candidates, now)][:free]
+        if len(picked) < free:
+            rest = self.dispatch_rng.permutation(len(self.busy))
+            rest = rest[~self.busy[rest] & ~np.isin(rest, picked)]
+            more = rest[self.c.availability.online_at(rest, now)] if len(rest) else rest
+            picked = np.concatenate([picked, more[: free - len(picked)]])
+        self._dispatch(picked.astype(np.int64), now)
 
-    # -- the event loop
-
-    def step(self) -> dict[str, Any]:
-        """Process arrivals until the next server step, then record it."""
-        c = self.c
-        while True:
+    def _simulate_step(self) -> None:
+        """Process arrivals in virtual-time order until the buffer fills: one more server step."""
+        step = self.pending
+        while len(step.buffer) < self.buffer_size:
             if not self.heap:
                 self._wait_for_sensors()
                 continue
             arrival, number = heapq.heappop(self.heap)
             task = self.tasks.pop(number)
-            c.virtual_time_s = arrival
+            self.clock_s = arrival
             self.busy[task.position] = False
             outcome = str(task.plan.outcome[0])
-            staleness = self.version - task.version
+            staleness = self.sim_version - task.version
             if outcome == APPLIED and staleness > self.max_staleness:
                 outcome = LATE
+                if task in self.unsent.get(task.version, ()):
+                    self.unsent[task.version].remove(task)  # known late before it was sent: never trained
             if outcome == APPLIED:
-                if task.update is None:
-                    self._train_pending(task)
-                self.buffer.append(task)
-                self.buffer_staleness.append(staleness)
-            self.log.tasks.append(task)
-            self.log.outcomes.append(outcome)
-            self.log.staleness.append(staleness)
-            self.log.trained.append(task.update is not None)
+                step.buffer.append(task)
+                step.buffer_staleness.append(staleness)
+            step.ended.append(task)
+            step.outcomes.append(outcome)
+            step.staleness.append(staleness)
             self._refill(arrival)
-            if len(self.buffer) >= c.strategy.buffer_size:
-                return self._server_step()
+        step.time_s = self.clock_s
+        step.in_flight = int(self.busy.sum())
+        self.sim_version += 1
+        self.simulated.append(step)
+        self.pending = _SimulatedStep(version=self.sim_version + 1, time_s=self.clock_s)
 
     def _wait_for_sensors(self) -> None:
         """Nothing in flight: jump the clock to when the first idle sensor comes online."""
-        c = self.c
         idle = self.all_positions[~self.busy]
-        back = c.availability.next_online(idle, np.full(len(idle), c.virtual_time_s)).min() if len(idle) else np.inf
+        back = self.c.availability.next_online(idle, np.full(len(idle), self.clock_s)).min() if len(idle) else np.inf
         if not math.isfinite(back):
-            raise AggregationError(f"no sensor is online at virtual time {c.virtual_time_s:g} s or ever after")
-        c.virtual_time_s = max(float(back), np.nextafter(c.virtual_time_s, np.inf))  # always moves forward
-        self._refill(c.virtual_time_s)
+            raise AggregationError(f"no sensor is online at virtual time {self.clock_s:g} s or ever after")
+        self.clock_s = max(float(back), np.nextafter(self.clock_s, np.inf))  # always moves forward
+        self._refill(self.clock_s)
 
-    def _train_pending(self, needed: _Task) -> None:
-        """Train ``needed`` and every in-flight task that will deliver and is not trained yet, in one batch."""
-        pending = [needed] + sorted(
-            (t for t in self.tasks.values() if t.update is None and t.plan.outcome[0] == APPLIED),
-            key=lambda t: t.number,
-        )
-        trained = self.c.train(
-            np.array([t.position for t in pending], dtype=np.int64),
-            np.array([t.key for t in pending], dtype=np.int64),
-            np.array([t.version for t in pending], dtype=np.int64),
-            self.versions,
-        )
-        for i, task in enumerate(pending):
-            task.update = trained["updates"][i]
-            task.num_samples = int(trained["num_samples"][i])
-            task.train_loss = float(trained["train_loss"][i])
-            task.steps = int(trained["steps"][i])
+    # -- the model
 
-    def _server_step(self) -> dict[str, Any]:
+    def _send(self, version: int) -> None:
+        """Send every task that trains from ``version`` to the client actors, without waiting."""
+        tasks = self.unsent.pop(version, [])
+        if not tasks:
+            return
+        training = self.c.train(
+            np.array([t.position for t in tasks], dtype=np.int64),
+            np.array([t.key for t in tasks], dtype=np.int64),
+            np.full(len(tasks), version, dtype=np.int64),
+            {version: self.versions[version]},
+        )
+        for row, task in enumerate(tasks):
+            task.training, task.row = training, row
+
+    def step(self) -> dict[str, Any]:
+        """Apply the next simulated server step to the model, and record it.
+
+        The schedule of the step after it is simulated first, while the client
+        actors train the batch this step needs.
+        """
         c = self.c
-        buffer = self.buffer
-        staleness = np.array(self.buffer_staleness, dtype=np.int64)
+        if self.version + 1 < c.scenario.training.rounds:
+            self._simulate_step()
+        step = self.simulated.pop(0)
+        for task in step.buffer:
+            task.collect()
+        staleness = np.array(step.buffer_staleness, dtype=np.int64)
         c.weights = c.strategy.step(
             c.weights,
-            np.stack([self.versions[t.version] for t in buffer]),
-            np.stack([t.update for t in buffer]),
+            np.stack([self.versions[t.version] for t in step.buffer]),
+            np.stack([t.update for t in step.buffer]),
             staleness,
-            np.array([t.num_samples for t in buffer], dtype=np.float64),
+            np.array([t.num_samples for t in step.buffer], dtype=np.float64),
         )
-        self.version += 1
-        self.versions[self.version] = c.weights
-        for task in buffer:
+        for task in step.buffer:
             task.update = None  # applied; free the memory
-        self.buffer, self.buffer_staleness = [], []
-        in_use = {t.version for t in self.tasks.values()} | {self.version}
+        self.version = step.version
+        self.versions[self.version] = c.weights
+        self._send(self.version)
+        # Base versions still needed: by tasks in flight or simulated but not yet applied (FedAsync mixes from them).
+        in_use = {t.version for t in self.tasks.values()}
+        in_use |= {t.version for s in self.simulated for t in s.buffer} | {self.version}
         self.versions = {v: w for v, w in self.versions.items() if v in in_use}
-        return self._record(staleness)
+        c.virtual_time_s = step.time_s
+        return self._record(step, staleness)
 
-    def _record(self, applied_staleness: np.ndarray) -> dict[str, Any]:
+    def _record(self, step: _SimulatedStep, applied_staleness: np.ndarray) -> dict[str, Any]:
         c = self.c
-        log, self.log = self.log, _StepLog()
-        positions = np.array([t.position for t in log.tasks], dtype=np.int64)
-        plan = _stack([t.plan for t in log.tasks])
-        outcome = np.array(log.outcomes, dtype=str)
-        trained_mask = np.array(log.trained, dtype=bool) & (outcome == APPLIED)
+        for task in step.ended:
+            if task.training is not None:
+                task.collect()  # trained but ended late: its training is reported, not hidden
+        positions = np.array([t.position for t in step.ended], dtype=np.int64)
+        plan = _stack([t.plan for t in step.ended])
+        outcome = np.array(step.outcomes, dtype=str)
+        trained_mask = np.array([t.trained for t in step.ended], dtype=bool)
         trained = {
-            "train_loss": np.array([t.train_loss for t, m in zip(log.tasks, trained_mask) if m]),
-            "steps": np.array([t.steps for t, m in zip(log.tasks, trained_mask) if m], dtype=np.int64),
+            "train_loss": np.array([t.train_loss for t in step.ended if t.trained]),
+            "steps": np.array([t.steps for t in step.ended if t.trained], dtype=np.int64),
         }
-        events = c.event_rows(positions, plan, outcome, round_index=self.version,
-                              base_version=np.array([t.version for t in log.tasks]),
-                              staleness=np.array(log.staleness), trained=trained, trained_mask=trained_mask)
-        wasted = plan.received_model & (outcome != APPLIED)
+        events = c.event_rows(positions, plan, outcome, round_index=step.version,
+                              base_version=np.array([t.version for t in step.ended]),
+                              staleness=np.array(step.staleness), trained=trained, trained_mask=trained_mask)
+        wasted = plan.received_model & ~trained_mask
         row = {
-            "round": self.version,
-            "round_duration_s": c.virtual_time_s - self.last_step_time,
+            "round": step.version,
+            "round_duration_s": step.time_s - self.last_step_time,
             "status": "ok",
             "selected": len(positions),
             "train_loss": _weighted_mean_or_nan(events["train_loss"], events["num_samples"]),
@@ -491,11 +559,11 @@ class AsyncSteps:
             "compute_saved_s": float(plan.compute_s[wasted].sum()),
             "staleness_mean": float(applied_staleness.mean()),
             "staleness_max": int(applied_staleness.max()),
-            "concurrency": int(self.busy.sum()),
+            "concurrency": step.in_flight,
             "bytes_up": int(events["bytes_up"].sum()),
             "bytes_down": int(events["bytes_down"].sum()),
         }
-        self.last_step_time = c.virtual_time_s
+        self.last_step_time = step.time_s
         return c.record(row, events, applied_staleness)
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from raysim.models import DSCNNConfig, MLPConfig, ParamLayout, build_model, init_weights
 from raysim.scenario import Training
@@ -309,3 +310,43 @@ def test_each_sensor_can_start_from_its_own_weights(train):
         alone = train(model, layout, starts[i], [datasets[i]], [plans[i]], cfg)
         np.testing.assert_allclose(together.updates[i], alone.updates[0], atol=1e-6)
     assert not np.allclose(together.updates[0], train(model, layout, starts[1], [datasets[0]], [plans[0]], cfg).updates[0])
+
+
+class _WithoutBatchedForward(nn.Module):
+    """A model that only has an ordinary forward: training falls back to torch.func.vmap."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("config", [MLPConfig(hidden=(8,)), DSCNNConfig(channels=(4,), kernel_size=3)])
+def test_vmap_fallback_matches_reference(config):
+    model = _WithoutBatchedForward(build_model(config, 3, 10, 4))
+    assert not hasattr(model, "forward_batched")
+    layout = ParamLayout.of(model)
+    start = layout.flatten(model)
+    rng = np.random.default_rng(2)
+    datasets = [(rng.normal(size=(n, 3, 10)).astype(np.float32), rng.integers(0, 4, n)) for n in (3, 11, 6)]
+    cfg = LocalTraining(epochs=2, batch_size=4, lr=0.1, weight_decay=0.01)
+    plans = [batch_plan(len(y), 2, 4, np.random.default_rng(i)) for i, (_, y) in enumerate(datasets)]
+    fast = train_vectorized(model, layout, start, datasets, plans, cfg)
+    slow = train_reference(model, layout, start, datasets, plans, cfg)
+    np.testing.assert_allclose(fast.updates, slow.updates, atol=1e-5)
+    np.testing.assert_allclose(fast.train_loss, slow.train_loss, rtol=1e-5)
+
+
+@pytest.mark.parametrize("config", [MLPConfig(hidden=(8, 5), activation="tanh"), DSCNNConfig(channels=(4, 6), kernel_size=4)])
+def test_forward_batched_equals_each_models_own_forward(config):
+    model = build_model(config, 3, 9, 4)
+    layout = ParamLayout.of(model)
+    stacked = torch.from_numpy(np.stack([init_weights(config, 3, 9, 4, seed=s) for s in range(3)]))
+    x = torch.randn(3, 5, 3, 9, generator=torch.Generator().manual_seed(0))
+    batched = model.forward_batched(layout.split(stacked), x)
+    for s in range(3):
+        layout.load_into(model, stacked[s].numpy())
+        with torch.no_grad():
+            np.testing.assert_allclose(batched[s].detach().numpy(), model(x[s]).numpy(), rtol=1e-5, atol=1e-6)

@@ -44,6 +44,20 @@ class DepthwiseSeparable1d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.pointwise(self.depthwise(F.pad(x, self._padding))))
 
+    def forward_batched(self, params: dict[str, torch.Tensor], prefix: str, x: torch.Tensor) -> torch.Tensor:
+        """S blocks at once on x (S, B, C, T): the depthwise filter as a sum over unfolded windows,
+        the pointwise one as a batched matrix product (grouped convolutions do not batch well)."""
+        depth_w = params[f"{prefix}depthwise.weight"][:, :, 0, :]  # (S, C, k)
+        depth_b = params[f"{prefix}depthwise.bias"]  # (S, C)
+        point_w = params[f"{prefix}pointwise.weight"][:, :, :, 0]  # (S, O, C)
+        point_b = params[f"{prefix}pointwise.bias"]  # (S, O)
+        windows = F.pad(x, self._padding).unfold(-1, depth_w.shape[-1], 1)  # (S, B, C, T, k)
+        h = (windows * depth_w[:, None, :, None, :]).sum(-1) + depth_b[:, None, :, None]  # (S, B, C, T)
+        S, B, C, T = h.shape
+        flat = h.permute(0, 1, 3, 2).reshape(S, B * T, C)  # every (sample, time) row
+        out = torch.baddbmm(point_b.unsqueeze(1), flat, point_w.transpose(1, 2))  # (S, B·T, O)
+        return torch.relu(out.view(S, B, T, -1).permute(0, 1, 3, 2))  # (S, B, O, T)
+
 
 class DSCNN(nn.Module):
     """x (n, C, T) → blocks → mean over T → Linear → logits (n, classes)."""
@@ -60,6 +74,15 @@ class DSCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.blocks(x).mean(dim=-1))
+
+    def forward_batched(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """S models at once: ``params`` stacked (S, *shape), x (S, B, C, T) → logits (S, B, classes)."""
+        h = x
+        for index, block in enumerate(self.blocks):
+            h = block.forward_batched(params, f"blocks.{index}.", h)
+        pooled = h.mean(dim=-1)  # (S, B, width)
+        weight, bias = params["classifier.weight"], params["classifier.bias"]
+        return torch.baddbmm(bias.unsqueeze(1), pooled, weight.transpose(1, 2))
 
 
 @MODELS.register("dscnn", DSCNNConfig)

@@ -39,6 +39,21 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
 
+    def forward_batched(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """S models at once: ``params`` stacked (S, *shape) per name, x (S, B, C, T) → logits (S, B, classes).
+
+        Each layer is one batched matrix product (``baddbmm``), so a whole cohort
+        costs a handful of kernels per step whatever its size.
+        """
+        h = x.flatten(2)
+        for index, layer in enumerate(self.layers):
+            if isinstance(layer, nn.Linear):
+                weight, bias = params[f"layers.{index}.weight"], params[f"layers.{index}.bias"]
+                h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
+            elif not isinstance(layer, nn.Flatten):
+                h = layer(h)  # an elementwise activation
+        return h
+
 
 @MODELS.register("mlp", MLPConfig)
 def build_mlp(config: MLPConfig, channels: int, window: int, classes: int) -> nn.Module:
