@@ -5,7 +5,7 @@ one Ray instance and reports, for each, the virtual time and bytes at which
 the global model first reaches the scenarios' target accuracy, plus wall-clock
 throughput (sensor updates per second) of sync against async runs.
 
-    python benchmarks/stragglers.py [--sensors 1000] [--out benchmarks/results/stragglers.json]
+    .venv/bin/python benchmarks/stragglers.py [--sensors 1000] [--repeats 3] [--out benchmarks/results/stragglers.json]
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -32,44 +33,42 @@ VARIANTS = {
     # The same number of updates per aggregation as FedBuff's buffer (K = 20), for the throughput comparison.
     "sync wait-all, cohort 20": ("three_tier_wait_all.yaml", ["aggregation.cohort=20", "training.rounds=120"]),
 }
+THROUGHPUT = ("sync wait-all", "fedbuff", "sync wait-all, cohort 20")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sensors", type=int, default=1000)
     parser.add_argument("--target", type=float, default=None, help="target accuracy (default: the scenarios')")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of each throughput variant, interleaved; medians are reported (wall clock is noisy)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "stragglers.json")
     args = parser.parse_args(argv)
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
     results = {}
+    throughput: dict[str, list[float]] = {label: [] for label in THROUGHPUT}
     with tempfile.TemporaryDirectory() as scratch:
-        for label, (file, extra) in VARIANTS.items():
-            overrides = [f"fleet.sensors={args.sensors}", "logging.progress=false", *extra]
-            if args.target is not None:
-                overrides.append(f"logging.target_accuracy={args.target}")
-            scenario = raysim.load_scenario(ROOT / "scenarios" / file, overrides)
-            started = time.perf_counter()
-            result = raysim.run(scenario, out_dir=Path(scratch) / label.replace(" ", "-").replace(",", ""))
-            s = result.summary
-            results[label] = {
-                "scenario": file,
-                "target_accuracy": s.get("target_accuracy"),
-                "time_to_target_s": s.get("time_to_target_s"),
-                "bytes_to_target": s.get("bytes_to_target"),
-                "round_to_target": s.get("round_to_target"),
-                "final_accuracy": s.get("final_accuracy"),
-                "virtual_time_s": s["virtual_time_s"],
-                "updates_applied": s["updates_applied"],
-                "updates_late": s["updates_late"],
-                "updates_lost": s["updates_lost"],
-                "updates_offline": s["updates_offline"],
-                "trainings_skipped": s["trainings_skipped"],
-                "wall_s": time.perf_counter() - started,
-                "updates_per_s": s["updates_per_s"],
-            }
-            print(f"{label:18s} done in {results[label]['wall_s']:.1f} s", file=sys.stderr)
+        for repeat in range(args.repeats):
+            for label, (file, extra) in VARIANTS.items():
+                if repeat and label not in THROUGHPUT:
+                    continue  # virtual-time figures are deterministic: one run is enough
+                overrides = [f"fleet.sensors={args.sensors}", "logging.progress=false", *extra]
+                if args.target is not None:
+                    overrides.append(f"logging.target_accuracy={args.target}")
+                scenario = raysim.load_scenario(ROOT / "scenarios" / file, overrides)
+                started = time.perf_counter()
+                run_dir = Path(scratch) / f"{label.replace(' ', '-').replace(',', '')}-{repeat}"
+                s = raysim.run(scenario, out_dir=run_dir).summary
+                if label in throughput:
+                    throughput[label].append(s["updates_per_s"])
+                if repeat == 0:
+                    results[label] = _figures(file, s, time.perf_counter() - started)
+                print(f"{label:26s} run {repeat + 1} done in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     ray.shutdown()
+    for label, rates in throughput.items():
+        results[label]["updates_per_s_runs"] = rates
+        results[label]["updates_per_s"] = statistics.median(rates)
 
     sync_rate = results["sync wait-all"]["updates_per_s"]
     same_size_rate = results["sync wait-all, cohort 20"]["updates_per_s"]
@@ -77,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "sensors": args.sensors,
+        "repeats": args.repeats,
         "variants": results,
         "fedbuff_vs_wait_all_time_to_target": _ratio(results["fedbuff"]["time_to_target_s"],
                                                      results["sync wait-all"]["time_to_target_s"]),
@@ -88,6 +88,25 @@ def main(argv: list[str] | None = None) -> int:
     _print_table(report)
     print(f"written to {args.out}")
     return 0
+
+
+def _figures(file: str, s: dict, wall_s: float) -> dict:
+    return {
+        "scenario": file,
+        "target_accuracy": s.get("target_accuracy"),
+        "time_to_target_s": s.get("time_to_target_s"),
+        "bytes_to_target": s.get("bytes_to_target"),
+        "round_to_target": s.get("round_to_target"),
+        "final_accuracy": s.get("final_accuracy"),
+        "virtual_time_s": s["virtual_time_s"],
+        "updates_applied": s["updates_applied"],
+        "updates_late": s["updates_late"],
+        "updates_lost": s["updates_lost"],
+        "updates_offline": s["updates_offline"],
+        "trainings_skipped": s["trainings_skipped"],
+        "wall_s": wall_s,
+        "updates_per_s": s["updates_per_s"],
+    }
 
 
 def _ratio(a, b):

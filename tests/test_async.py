@@ -143,6 +143,13 @@ def test_async_invariants_on_a_heterogeneous_fleet(ray_session, tmp_path):
     assert (late.staleness > 3).all()
     assert metrics["round"].tolist() == list(range(1, 9))
     assert (np.diff(metrics.virtual_time_s) >= 0).all()
+    np.testing.assert_allclose(metrics.staleness_mean, applied.groupby("round").staleness.mean().to_numpy())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(result.run_dir / "tb"), size_guidance={"histograms": 0}).Reload()
+    histograms = board.Histograms("round/staleness")
+    assert [h.step for h in histograms] == list(range(1, 9))
+    assert [h.histogram_value.num for h in histograms] == [4] * 8
 
 
 def test_fedbuff_with_k_and_c_equal_to_the_cohort_is_a_sync_round(ray_session, tmp_path):

@@ -140,3 +140,25 @@ def test_per_task_keys_give_each_task_its_own_draws():
     np.testing.assert_array_equal(one_key.arrived_at, per_task.arrived_at)
     mixed = plan(p, round_index=np.arange(50))
     assert not np.array_equal(mixed.arrived_at, one_key.arrived_at)
+
+
+def test_offline_periods_from_a_real_trace(tmp_path):
+    """Hand-computed: the sensor is online on [0, 101.8) and [150, 400); a 2.7 s task dispatched at 100 s
+    is dropped at 101.8 s; one dispatched at 150 s arrives at 152.7 s."""
+    import raysim
+    from raysim.availability import Availability
+
+    (tmp_path / "trace.csv").write_text("sensor,start_s,end_s\n11,0,101.8\n11,150,400\n")
+    scenario = raysim.load_scenario({
+        "name": "trace",
+        "fleet": {"sensors": 1, "tiers": [{"name": "t", "share": 1, "seconds_per_sample": 0.01, "up_mbps": 1,
+                                           "down_mbps": 4, "latency_ms": 100,
+                                           "availability": {"kind": "trace", "path": str(tmp_path / "trace.csv")}}]},
+        "aggregation": {"cohort": 1},
+    })
+    p = profiles(1)
+    availability = Availability.from_scenario(scenario, p)
+    dropped = plan(p, availability=availability, positions=np.array([0]))
+    assert dropped.outcome[0] == OFFLINE and dropped.arrived_at[0] == pytest.approx(101.8)
+    later = plan(p, dispatched_at=150.0, availability=availability, positions=np.array([0]))
+    assert later.delivered[0] and later.arrived_at[0] == pytest.approx(152.7)
