@@ -62,9 +62,6 @@ class TaskPlan:
     def duration_s(self) -> np.ndarray:
         return self.arrived_at - self.dispatched_at
 
-    def with_outcome(self, outcome: np.ndarray) -> "TaskPlan":
-        return TaskPlan(**{**self.__dict__, "outcome": outcome})
-
 
 def transfer_seconds(num_bytes: float | np.ndarray, mbps: np.ndarray, latency_ms: np.ndarray) -> np.ndarray:
     """One attempt's transfer time: latency + 8·bytes / (mbps·10⁶)."""

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import raysim
-from tables import assert_tables_identical
+from helpers import assert_tables_identical, with_changes
 from raysim.metrics import WALL_CLOCK_COLUMNS
 
 pytestmark = pytest.mark.ray
@@ -25,7 +25,7 @@ TIERS = [
 
 
 def scenario(aggregation: dict, **changes) -> dict:
-    spec = {
+    return with_changes({
         "name": "hetero",
         "seed": 5,
         "fleet": {"sensors": 80, "tiers": TIERS,
@@ -35,14 +35,7 @@ def scenario(aggregation: dict, **changes) -> dict:
         "aggregation": aggregation,
         "cluster": {"num_cpus": 0.5},
         "logging": {"progress": False},
-    }
-    for dotted, value in changes.items():
-        node = spec
-        *parents, last = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[last] = value
-    return spec
+    }, changes)
 
 
 FEDBUFF = {"mode": "async", "strategy": {"name": "fedbuff", "concurrency": 12, "buffer_size": 4, "max_staleness": 3}}

@@ -113,15 +113,20 @@ def test_test_file_with_other_window_length(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_missing_availability_trace_exits_2(tmp_path, capsys):
+def trace_scenario(tmp_path: Path, trace: str) -> Path:
     scenario = tmp_path / "trace.yaml"
     scenario.write_text(yaml.safe_dump({
         "name": "trace",
         "fleet": {"sensors": 10, "tiers": [{"name": "t", "share": 1, "seconds_per_sample": 0.001, "up_mbps": 1,
-                                            "down_mbps": 1, "availability": {"kind": "trace", "path": "nope.csv"}}]},
+                                            "down_mbps": 1, "availability": {"kind": "trace", "path": trace}}]},
         "aggregation": {"cohort": 5},
         "logging": {"progress": False},
     }))
+    return scenario
+
+
+def test_missing_availability_trace_exits_2(tmp_path, capsys):
+    scenario = trace_scenario(tmp_path, "nope.csv")
     out = tmp_path / "run"
     assert main(["run", str(scenario), "--out", str(out)]) == 2
     err = capsys.readouterr().err
@@ -131,14 +136,7 @@ def test_missing_availability_trace_exits_2(tmp_path, capsys):
 
 def test_malformed_availability_trace_exits_2(tmp_path, capsys):
     (tmp_path / "trace.csv").write_text("sensor,start_s,end_s\n0,5,3\n")
-    scenario = tmp_path / "trace.yaml"
-    scenario.write_text(yaml.safe_dump({
-        "name": "trace",
-        "fleet": {"sensors": 10, "tiers": [{"name": "t", "share": 1, "seconds_per_sample": 0.001, "up_mbps": 1,
-                                            "down_mbps": 1, "availability": {"kind": "trace", "path": "trace.csv"}}]},
-        "aggregation": {"cohort": 5},
-        "logging": {"progress": False},
-    }))
+    scenario = trace_scenario(tmp_path, "trace.csv")
     assert main(["run", str(scenario), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "trace.csv" in err and "end_s" in err

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 import raysim
-from tables import assert_tables_identical
+from helpers import assert_tables_identical, with_changes
 from raysim.cli import main
 from raysim.metrics import WALL_CLOCK_COLUMNS
 
@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def small(**changes) -> dict:
-    """A scenario small enough for a test: 60 sensors, 20 per round, three tiers of profiles."""
-    scenario = {
+    """A scenario small enough for a test: 60 sensors, 20 per round, two tiers of profiles."""
+    return with_changes({
         "name": "small",
         "seed": 3,
         "fleet": {
@@ -43,14 +43,7 @@ def small(**changes) -> dict:
         "aggregation": {"cohort": 20},
         "cluster": {"num_cpus": 0.5},
         "logging": {"progress": False},
-    }
-    for dotted, value in changes.items():
-        node = scenario
-        *parents, last = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[last] = value
-    return scenario
+    }, changes)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Table comparisons shared by tests."""
+"""Helpers shared by tests: scenario variants and table comparisons."""
 
 from __future__ import annotations
 
@@ -14,3 +14,17 @@ def assert_tables_identical(left, right) -> None:
         b = right[name].to_numpy(zero_copy_only=False)
         same = np.array_equal(a, b, equal_nan=True) if a.dtype.kind == "f" else np.array_equal(a, b)
         assert same, f"column {name} differs"
+
+
+def with_changes(spec: dict, changes: dict) -> dict:
+    """``spec`` with dotted keys set, e.g. {"training.rounds": 3} (nested sections are created)."""
+    import copy
+
+    spec = copy.deepcopy(spec)
+    for dotted, value in changes.items():
+        node = spec
+        *parents, last = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return spec
