@@ -39,8 +39,9 @@ class ClientActor:
         self._warm_up()
 
     def _warm_up(self) -> None:
-        # The first batched step of a process pays a one-off set-up cost; pay it before round 1.
-        if self.scenario.training.vectorized and self.data:
+        # torch.func.vmap's first call in a process pays a one-off set-up cost (about 2 s); models
+        # without a batched forward train through it, so pay that before round 1.
+        if self.scenario.training.vectorized and self.data and not hasattr(self.model, "forward_batched"):
             x, y = next(iter(self.data.values()))
             plan = self.local.plan(len(y), stream(0, TRAIN, 0, 0))[:1]
             train_vectorized(self.model, self.layout, self.layout.flatten(self.model), [(x, y)], [plan], self.local)

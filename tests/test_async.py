@@ -170,3 +170,20 @@ def test_time_to_target_accuracy_is_reported(ray_session, tmp_path):
         assert summary["bytes_to_target"] == first.cumulative_bytes_up + first.cumulative_bytes_down
     else:
         assert summary["time_to_target_s"] is None
+
+
+def test_a_round_with_nobody_online_waits_for_the_first_sensor(ray_session, tmp_path):
+    # Every sensor is offline until 50 s, then online for good.
+    (tmp_path / "trace.csv").write_text("sensor,start_s,end_s\n" + "".join(f"{i},50,100000\n" for i in range(20)))
+    spec = scenario({"cohort": 5}, **{
+        "fleet.sensors": 20, "training.rounds": 2,
+        "fleet.tiers": [{"name": "late-risers", "share": 1, "seconds_per_sample": 0.001, "up_mbps": 5, "down_mbps": 5,
+                         "availability": {"kind": "trace", "path": str(tmp_path / "trace.csv")}}],
+    })
+    result = raysim.run(spec, out_dir=tmp_path / "idle")
+    metrics = result.metrics.to_pandas()
+    assert metrics.status.tolist() == ["idle", "ok"]
+    assert metrics.virtual_time_s[0] == pytest.approx(50.0)
+    assert metrics.selected.tolist() == [0, 5]
+    events = events_of(result)
+    assert (events["round"] == 2).all() and (events.dispatched_at >= 50.0).all()
