@@ -4,12 +4,12 @@ Synchronous rounds sample a cohort among the sensors online at the round's
 start, plan every task on the virtual clock before any training, apply the
 straggler policy, and train only the updates that will be accepted.
 Asynchronous runs (FedBuff, FedAsync) keep ``concurrency`` sensors in flight
-and process arrivals in virtual-time order; training is deferred until an
-update is needed and then done for every pending task at once, so async runs
-batch onto client actors like sync rounds. Either way each client actor gets
-one call per training batch, with each needed model version ``ray.put`` once,
-and results are assembled in an order that does not depend on which actor
-hosts which sensor.
+and apply arrivals in virtual-time order; their schedule is simulated one
+server step ahead of the model, so every task that trains from a model version
+goes to the client actors in one batch as soon as that version exists. Either
+way each client actor gets one call per training batch, with each needed model
+version ``ray.put`` once, and results are assembled in an order that does not
+depend on which actor hosts which sensor.
 """
 
 from __future__ import annotations
@@ -203,13 +203,23 @@ class _Training:
         return self._result
 
 
-def _outcome_counts(outcome: np.ndarray) -> dict[str, int]:
+def _task_figures(events: dict[str, np.ndarray], plan: TaskPlan, trained_mask: np.ndarray) -> dict[str, Any]:
+    """The metrics-row figures that sum over the tasks that ended in a round or step."""
+    outcome = events["outcome"]
+    wasted = plan.received_model & ~trained_mask  # got the model, never trained: the saved work
     return {
+        "selected": len(outcome),
+        "train_loss": _weighted_mean_or_nan(events["train_loss"], events["num_samples"]),
         "updates_applied": int((outcome == APPLIED).sum()),
         "updates_late": int((outcome == LATE).sum()),
         "updates_lost": int((outcome == LOST).sum()),
         "updates_offline": int((outcome == OFFLINE).sum()),
         "updates_dropped": int((outcome != APPLIED).sum()),
+        "retransmissions": int(plan.retransmissions.sum()),
+        "trainings_skipped": int(wasted.sum()),
+        "compute_saved_s": float(plan.compute_s[wasted].sum()),
+        "bytes_up": int(events["bytes_up"].sum()),
+        "bytes_down": int(events["bytes_down"].sum()),
     }
 
 
@@ -270,22 +280,14 @@ class SyncRounds:
         events = c.event_rows(chosen, plan, outcome, round_index=round_index,
                               base_version=np.full(len(chosen), round_index - 1), staleness=np.zeros(len(chosen)),
                               trained=trained, trained_mask=accepted)
-        wasted = plan.received_model & ~accepted
         row = {
             "round": round_index,
             "round_duration_s": float(end - start),
             "status": "skipped" if skipped else "ok",
-            "selected": len(chosen),
-            "train_loss": _weighted_mean_or_nan(events["train_loss"], events["num_samples"]),
-            **_outcome_counts(outcome),
-            "retransmissions": int(plan.retransmissions.sum()),
-            "trainings_skipped": int(wasted.sum()),
-            "compute_saved_s": float(plan.compute_s[wasted].sum()),
+            **_task_figures(events, plan, accepted),
             "staleness_mean": 0.0,
             "staleness_max": 0,
             "concurrency": len(chosen),
-            "bytes_up": int(events["bytes_up"].sum()),
-            "bytes_down": int(events["bytes_down"].sum()),
         }
         return c.record(row, events)
 
@@ -296,13 +298,13 @@ class SyncRounds:
         if not math.isfinite(back):
             raise AggregationError(f"round {round_index}: no sensor is online at virtual time {start:g} s or ever after")
         c.virtual_time_s = back
-        empty = c.event_rows(np.zeros(0, np.int64), c.plan(np.zeros(0, np.int64), round_index, start),
-                             np.zeros(0, str), round_index=round_index, base_version=np.zeros(0),
-                             staleness=np.zeros(0), trained=None, trained_mask=np.zeros(0, bool))
-        row = {"round": round_index, "round_duration_s": back - start, "status": "idle", "selected": 0,
-               "train_loss": float("nan"), **_outcome_counts(np.zeros(0, str)), "retransmissions": 0,
-               "trainings_skipped": 0, "compute_saved_s": 0.0, "staleness_mean": 0.0, "staleness_max": 0,
-               "concurrency": 0, "bytes_up": 0, "bytes_down": 0}
+        nobody = np.zeros(0, np.int64)
+        plan = c.plan(nobody, round_index, start)
+        empty = c.event_rows(nobody, plan, np.zeros(0, str), round_index=round_index, base_version=nobody,
+                             staleness=nobody, trained=None, trained_mask=np.zeros(0, bool))
+        row = {"round": round_index, "round_duration_s": back - start, "status": "idle",
+               **_task_figures(empty, plan, np.zeros(0, bool)),
+               "staleness_mean": 0.0, "staleness_max": 0, "concurrency": 0}
         return c.record(row, empty)
 
 
@@ -546,22 +548,14 @@ class AsyncSteps:
         events = c.event_rows(positions, plan, outcome, round_index=step.version,
                               base_version=np.array([t.version for t in step.ended]),
                               staleness=np.array(step.staleness), trained=trained, trained_mask=trained_mask)
-        wasted = plan.received_model & ~trained_mask
         row = {
             "round": step.version,
             "round_duration_s": step.time_s - self.last_step_time,
             "status": "ok",
-            "selected": len(positions),
-            "train_loss": _weighted_mean_or_nan(events["train_loss"], events["num_samples"]),
-            **_outcome_counts(outcome),
-            "retransmissions": int(plan.retransmissions.sum()),
-            "trainings_skipped": int(wasted.sum()),
-            "compute_saved_s": float(plan.compute_s[wasted].sum()),
+            **_task_figures(events, plan, trained_mask),
             "staleness_mean": float(applied_staleness.mean()),
             "staleness_max": int(applied_staleness.max()),
             "concurrency": step.in_flight,
-            "bytes_up": int(events["bytes_up"].sum()),
-            "bytes_down": int(events["bytes_down"].sum()),
         }
         self.last_step_time = step.time_s
         return c.record(row, events, applied_staleness)
