@@ -8,7 +8,6 @@ The training itself lives in :mod:`raysim.training`.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
@@ -68,7 +67,6 @@ class ClientActor:
         (each version is one shared ``ray.put`` object), with its batch order
         drawn from the stream keyed by (sensor, ``task_keys[i]``).
         """
-        started = time.perf_counter()
         seed = self.scenario.seed
         datasets = [self.data[int(sid)] for sid in sensor_ids]
         plans = [
@@ -83,5 +81,4 @@ class ClientActor:
             "num_samples": np.array([len(y) for _, y in datasets], dtype=np.int64),
             "train_loss": result.train_loss,
             "steps": result.steps,
-            "busy_s": np.float64(time.perf_counter() - started),
         }
