@@ -18,8 +18,9 @@ spread over client actors. Pure numpy: no Ray here.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import numpy as np
 
@@ -63,6 +64,27 @@ class TaskPlan:
         return self.arrived_at - self.dispatched_at
 
 
+class TaskTiming(NamedTuple):
+    """One task's row of a :class:`TaskPlan`, as plain scalars."""
+
+    dispatched_at: float
+    download_s: float
+    compute_s: float
+    upload_s: float
+    arrived_at: float
+    down_attempts: int
+    up_attempts: int
+    outcome: str
+
+
+def stack_timings(rows: Sequence[TaskTiming]) -> TaskPlan:
+    """The plan whose rows these are, in this order."""
+    columns = list(zip(*rows)) if rows else [()] * len(TaskTiming._fields)
+    types = (float, float, float, float, float, np.int64, np.int64, str)
+    return TaskPlan(**{name: np.array(column, dtype=kind) for name, column, kind in
+                       zip(TaskTiming._fields, columns, types)})
+
+
 def transfer_seconds(num_bytes: float | np.ndarray, mbps: np.ndarray, latency_ms: np.ndarray) -> np.ndarray:
     """One attempt's transfer time: latency + 8·bytes / (mbps·10⁶)."""
     return latency_ms / 1e3 + 8.0 * num_bytes / (mbps * 1e6)
@@ -94,66 +116,75 @@ def plan_tasks(
     their positions in the fleet, needed only to ask ``availability``.
     """
     count = len(profiles)
-    keys = np.broadcast_to(np.asarray(task_keys, dtype=np.int64), (count,))
-    start = np.broadcast_to(np.asarray(dispatched_at, dtype=np.float64), (count,)).copy()
-    max_tries = profiles.max_retries.astype(np.int64) + 1
-    down_attempts = np.empty(count, dtype=np.int64)
-    up_attempts = np.empty(count, dtype=np.int64)
-    jitter = np.ones(count)
-    for i in range(count):
-        rng = stream(seed, CLOCK, int(profiles.sensor_id[i]), int(keys[i]))
-        down_attempts[i] = _attempts(rng, float(profiles.loss[i]), int(profiles.max_retries[i]))
-        up_attempts[i] = _attempts(rng, float(profiles.loss[i]), int(profiles.max_retries[i]))
-        if profiles.jitter_sigma[i] > 0:
-            jitter[i] = np.exp(profiles.jitter_sigma[i] * rng.standard_normal())
-    got_model = down_attempts <= max_tries
-    down_attempts = np.minimum(down_attempts, max_tries)
-    delivered = got_model & (up_attempts <= max_tries)
-    up_attempts = np.where(got_model, np.minimum(up_attempts, max_tries), 0)
-
-    one_down = transfer_seconds(bytes_down, profiles.down_mbps, profiles.latency_ms)
-    one_up = transfer_seconds(bytes_up, profiles.up_mbps, profiles.latency_ms)
-    rto = profiles.retransmit_timeout_s
-    download_s = _with_retries(one_down, rto, down_attempts, got_model)
-    compute_s = np.where(got_model, profiles.num_samples * epochs * profiles.seconds_per_sample * jitter, 0.0)
-    upload_s = np.where(got_model, _with_retries(one_up, rto, up_attempts, delivered), 0.0)
-    arrived_at = start + download_s + compute_s + upload_s
-    outcome = np.where(delivered, APPLIED, LOST).astype(object)
-
+    if availability is not None and positions is None:
+        raise ValueError("plan_tasks needs the tasks' fleet positions to ask availability")
+    keys = np.broadcast_to(np.asarray(task_keys, dtype=np.int64), (count,)).tolist()
+    start = np.broadcast_to(np.asarray(dispatched_at, dtype=np.float64), (count,)).tolist()
+    down = np.broadcast_to(np.asarray(bytes_down), (count,)).tolist()
+    up = np.broadcast_to(np.asarray(bytes_up), (count,)).tolist()
+    rows = [_timing(profiles, i, seed, keys[i], start[i], down[i], up[i], epochs) for i in range(count)]
     if availability is not None:
-        if positions is None:
-            raise ValueError("plan_tasks needs the tasks' fleet positions to ask availability")
-        gone = availability.first_offline(positions, start, arrived_at)
-        offline = np.isfinite(gone)
-        outcome[offline] = OFFLINE
-        # The task ends when the sensor drops; the phases are cut at that moment.
-        download_s, compute_s, upload_s = _cut(gone - start, offline, download_s, compute_s, upload_s)
-        arrived_at = np.where(offline, gone, arrived_at)
-        up_attempts = np.where(offline & (upload_s == 0), 0, up_attempts)
-    return TaskPlan(
-        dispatched_at=start,
-        download_s=download_s,
-        compute_s=compute_s,
-        upload_s=upload_s,
-        arrived_at=arrived_at,
-        down_attempts=down_attempts,
-        up_attempts=up_attempts,
-        outcome=outcome.astype(str),
-    )
+        gone = availability.first_offline(positions, start, [row.arrived_at for row in rows])
+        for i in np.flatnonzero(np.isfinite(gone)):
+            rows[i] = _cut_offline(rows[i], float(gone[i]))
+    return stack_timings(rows)
 
 
-def _with_retries(one: np.ndarray, rto: np.ndarray, attempts: np.ndarray, succeeded: np.ndarray) -> np.ndarray:
-    """Failed attempts cost transfer + timeout each; the successful one costs one transfer."""
-    failed = np.where(succeeded, attempts - 1, attempts)
-    return failed * (one + rto) + np.where(succeeded, one, 0.0)
+def plan_task(
+    profiles: FleetProfiles,
+    position: int,
+    *,
+    seed: int,
+    task_key: int,
+    dispatched_at: float,
+    bytes_down: int,
+    bytes_up: int,
+    epochs: int,
+    availability: "Availability | None" = None,
+) -> TaskTiming:
+    """:func:`plan_tasks` for one task of the sensor at fleet ``position``, with plain scalars (the async loop's path)."""
+    row = _timing(profiles, position, seed, task_key, dispatched_at, bytes_down, bytes_up, epochs)
+    if availability is not None:
+        gone = availability.offline_within(position, dispatched_at, row.arrived_at)
+        if math.isfinite(gone):
+            row = _cut_offline(row, gone)
+    return row
 
 
-def _cut(elapsed: np.ndarray, cut: np.ndarray, *phases: np.ndarray) -> list[np.ndarray]:
-    """Truncate consecutive phases so that, where ``cut``, they add up to ``elapsed``."""
-    remaining = np.where(cut, elapsed, np.inf)
-    out = []
-    for phase in phases:
-        kept = np.minimum(phase, np.maximum(remaining, 0.0))
-        out.append(np.where(cut, kept, phase))
-        remaining = remaining - phase
-    return out
+def _timing(profiles: FleetProfiles, i: int, seed: int, key: int, start: float, bytes_down: float,
+            bytes_up: float, epochs: int) -> TaskTiming:
+    """Row ``i``'s task, ignoring availability: its seeded losses and jitter, then the formulas above."""
+    rng = stream(seed, CLOCK, int(profiles.sensor_id[i]), key)
+    loss, retries = float(profiles.loss[i]), int(profiles.max_retries[i])
+    down_attempts = _attempts(rng, loss, retries)
+    up_attempts = _attempts(rng, loss, retries)
+    sigma = float(profiles.jitter_sigma[i])
+    jitter = math.exp(sigma * rng.standard_normal()) if sigma > 0 else 1.0
+    tries = retries + 1
+    latency_ms, rto = float(profiles.latency_ms[i]), float(profiles.retransmit_timeout_s[i])
+    one_down = transfer_seconds(bytes_down, float(profiles.down_mbps[i]), latency_ms)
+    if down_attempts > tries:  # every download attempt lost: the model never arrives
+        download_s = tries * (one_down + rto)
+        return TaskTiming(start, download_s, 0.0, 0.0, start + download_s, tries, 0, LOST)
+    download_s = (down_attempts - 1) * (one_down + rto) + one_down
+    compute_s = int(profiles.num_samples[i]) * epochs * float(profiles.seconds_per_sample[i]) * jitter
+    one_up = transfer_seconds(bytes_up, float(profiles.up_mbps[i]), latency_ms)
+    if up_attempts > tries:
+        upload_s, up_attempts, outcome = tries * (one_up + rto), tries, LOST
+    else:
+        upload_s, outcome = (up_attempts - 1) * (one_up + rto) + one_up, APPLIED
+    return TaskTiming(start, download_s, compute_s, upload_s, start + download_s + compute_s + upload_s,
+                      down_attempts, up_attempts, outcome)
+
+
+def _cut_offline(row: TaskTiming, gone: float) -> TaskTiming:
+    """The sensor drops at ``gone``: the task ends then, its phases cut at that moment."""
+    remaining = gone - row.dispatched_at
+    phases = []
+    for phase in (row.download_s, row.compute_s, row.upload_s):
+        phases.append(min(phase, max(remaining, 0.0)))
+        remaining -= phase
+    download_s, compute_s, upload_s = phases
+    up_attempts = row.up_attempts if upload_s > 0 else 0
+    return row._replace(download_s=download_s, compute_s=compute_s, upload_s=upload_s, arrived_at=gone,
+                        up_attempts=up_attempts, outcome=OFFLINE)

@@ -26,7 +26,7 @@ import ray
 import torch
 
 from raysim.availability import Availability
-from raysim.clock import APPLIED, LATE, LOST, OFFLINE, TaskPlan, plan_tasks
+from raysim.clock import APPLIED, LATE, LOST, OFFLINE, TaskPlan, TaskTiming, plan_task, plan_tasks, stack_timings
 from raysim.errors import AggregationError
 from raysim.fleet import FleetData, preprocess, store
 from raysim.metrics import RunRecorder, summarize
@@ -106,18 +106,17 @@ class Coordinator:
         return _Training(calls, rows, len(positions))
 
     def plan(self, positions: np.ndarray, task_keys: np.ndarray | int, dispatched_at: float) -> TaskPlan:
+        return plan_tasks(self.profiles.take(positions), task_keys=task_keys, dispatched_at=dispatched_at,
+                          positions=positions, **self._clock_inputs())
+
+    def plan_one(self, position: int, task_key: int, dispatched_at: float) -> TaskTiming:
+        return plan_task(self.profiles, position, task_key=task_key, dispatched_at=dispatched_at,
+                         **self._clock_inputs())
+
+    def _clock_inputs(self) -> dict[str, Any]:
         bytes_model = self.layout.num_bytes
-        return plan_tasks(
-            self.profiles.take(positions),
-            seed=self.scenario.seed,
-            task_keys=task_keys,
-            dispatched_at=dispatched_at,
-            bytes_down=bytes_model,
-            bytes_up=bytes_model,
-            epochs=self.scenario.training.local_epochs,
-            availability=self.availability,
-            positions=positions,
-        )
+        return dict(seed=self.scenario.seed, bytes_down=bytes_model, bytes_up=bytes_model,
+                    epochs=self.scenario.training.local_epochs, availability=self.availability)
 
     def record(self, row: dict[str, Any], events: dict[str, np.ndarray], staleness: np.ndarray | None = None) -> dict:
         """Evaluate if due, complete the step's metrics row, and hand both to the recorder."""
@@ -317,7 +316,7 @@ class _Task:
     position: int
     key: int  # the sensor's own task count: keys its clock and training streams
     version: int  # model version it trains from
-    plan: TaskPlan  # one row
+    timing: TaskTiming
     update: np.ndarray | None = None
     num_samples: int = 0
     train_loss: float = float("nan")
@@ -382,6 +381,7 @@ class AsyncSteps:
         self.heap: list[tuple[float, int]] = []  # (arrival time, task number)
         self.tasks: dict[int, _Task] = {}  # in flight in the simulation
         self.busy = np.zeros(fleet_size, dtype=bool)
+        self.in_flight = 0  # = busy.sum()
         self.task_count = np.zeros(fleet_size, dtype=np.int64)
         self.next_task = 0
         self.dispatch_rng = stream(coordinator.scenario.seed, DISPATCH)
@@ -407,18 +407,17 @@ class AsyncSteps:
         chosen = np.sort(stream(c.scenario.seed, COHORT, 1).choice(online, count, replace=False))
         self._dispatch(chosen, 0.0)
 
-    def _dispatch(self, positions: np.ndarray, now: float) -> None:
-        if len(positions) == 0:
-            return
-        keys = self.task_count[positions] + 1
-        self.task_count[positions] = keys
-        plan = self.c.plan(positions, keys, now)
-        for i, position in enumerate(positions):
-            task = _Task(self.next_task, int(position), int(keys[i]), self.sim_version, _row(plan, i))
+    def _dispatch(self, positions: np.ndarray | list[int], now: float) -> None:
+        for position in positions:
+            position = int(position)
+            key = int(self.task_count[position]) + 1
+            self.task_count[position] = key
+            task = _Task(self.next_task, position, key, self.sim_version, self.c.plan_one(position, key, now))
             self.tasks[task.number] = task
             self.busy[position] = True
-            heapq.heappush(self.heap, (float(task.plan.arrived_at[0]), task.number))
-            if task.plan.outcome[0] == APPLIED:
+            self.in_flight += 1
+            heapq.heappush(self.heap, (task.timing.arrived_at, task.number))
+            if task.timing.outcome == APPLIED:
                 self.unsent.setdefault(task.version, []).append(task)
             self.next_task += 1
 
@@ -430,25 +429,30 @@ class AsyncSteps:
         idle online sensors; when most of the fleet is busy or offline, a full
         permutation settles it.
         """
-        free = self.concurrency - int(self.busy.sum())
+        free = self.concurrency - self.in_flight
         if free <= 0:
             return
-        draws = self.dispatch_rng.integers(len(self.busy), size=8 * free)
-        _, first = np.unique(draws, return_index=True)
-        candidates = draws[np.sort(first)]
-        candidates = candidates[~self.busy[candidates]]
-        picked = candidates[self.c.availability.online_at(candidates, now)][:free]
+        picked: list[int] = []
+        for candidate in self.dispatch_rng.integers(len(self.busy), size=8 * free).tolist():
+            if not self.busy[candidate] and candidate not in picked and self.c.availability.is_online(candidate, now):
+                picked.append(candidate)
+                if len(picked) == free:
+                    break
         if len(picked) < free:
             rest = self.dispatch_rng.permutation(len(self.busy))
             rest = rest[~self.busy[rest] & ~np.isin(rest, picked)]
             more = rest[self.c.availability.online_at(rest, now)] if len(rest) else rest
-            picked = np.concatenate([picked, more[: free - len(picked)]])
-        self._dispatch(picked.astype(np.int64), now)
+            picked.extend(more[: free - len(picked)].tolist())
+        self._dispatch(picked, now)
 
     def _simulate_step(self) -> None:
-        """Process arrivals in virtual-time order until the buffer fills: one more server step."""
+        """Process arrivals in virtual-time order until the buffer fills: one more server step.
+
+        The sensor dispatched in place of the arrival that fills the buffer
+        gets the model that step produces.
+        """
         step = self.pending
-        while len(step.buffer) < self.buffer_size:
+        while True:
             if not self.heap:
                 self._wait_for_sensors()
                 continue
@@ -456,7 +460,8 @@ class AsyncSteps:
             task = self.tasks.pop(number)
             self.clock_s = arrival
             self.busy[task.position] = False
-            outcome = str(task.plan.outcome[0])
+            self.in_flight -= 1
+            outcome = task.timing.outcome
             staleness = self.sim_version - task.version
             if outcome == APPLIED and staleness > self.max_staleness:
                 outcome = LATE
@@ -468,10 +473,13 @@ class AsyncSteps:
             step.ended.append(task)
             step.outcomes.append(outcome)
             step.staleness.append(staleness)
+            if len(step.buffer) == self.buffer_size:
+                break
             self._refill(arrival)
-        step.time_s = self.clock_s
-        step.in_flight = int(self.busy.sum())
         self.sim_version += 1
+        self._refill(self.clock_s)
+        step.time_s = self.clock_s
+        step.in_flight = self.in_flight
         self.simulated.append(step)
         self.pending = _SimulatedStep(version=self.sim_version + 1, time_s=self.clock_s)
 
@@ -538,7 +546,7 @@ class AsyncSteps:
             if task.training is not None:
                 task.collect()  # trained but ended late: its training is reported, not hidden
         positions = np.array([t.position for t in step.ended], dtype=np.int64)
-        plan = _stack([t.plan for t in step.ended])
+        plan = stack_timings([t.timing for t in step.ended])
         outcome = np.array(step.outcomes, dtype=str)
         trained_mask = np.array([t.trained for t in step.ended], dtype=bool)
         trained = {
@@ -559,16 +567,6 @@ class AsyncSteps:
         }
         self.last_step_time = step.time_s
         return c.record(row, events, applied_staleness)
-
-
-def _row(plan: TaskPlan, i: int) -> TaskPlan:
-    return TaskPlan(**{name: value[i:i + 1] for name, value in plan.__dict__.items()})
-
-
-def _stack(plans: list[TaskPlan]) -> TaskPlan:
-    if not plans:
-        return TaskPlan(**{name: np.zeros(0) for name in TaskPlan.__dataclass_fields__})
-    return TaskPlan(**{name: np.concatenate([p.__dict__[name] for p in plans]) for name in TaskPlan.__dataclass_fields__})
 
 
 def _weighted_mean_or_nan(values: np.ndarray, weights: np.ndarray) -> float:

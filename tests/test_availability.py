@@ -357,3 +357,28 @@ def test_growing_step_by_step_or_at_once_gives_the_same_process():
     probe = rng.uniform(0, 12_000, sensors)
     for got, want in zip(_answers(stepwise, positions, probe), _answers(at_once, positions, probe)):
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("period_s", [None, 40])
+def test_one_sensor_queries_give_the_vectorized_answers(tmp_path, period_s):
+    rows = [(sensor, start, start + 5) for sensor in range(3, 303) for start in range(sensor % 4, 40, 10)]
+    trace = _write(tmp_path / "trace.csv", rows)  # every sensor online 5 s of every 10 s, until 40 s
+    tiers = [_tier(ONOFF, "flaky", 0.4), _tier({"kind": "always"}, "steady", 0.2),
+             _tier({"kind": "trace", "path": str(trace), **({"period_s": period_s} if period_s else {})}, "traced", 0.4)]
+    vectorized, profiles = _availability(tiers, np.arange(3, 303))
+    one_by_one, _ = _availability(tiers, np.arange(3, 303))
+    rng = np.random.default_rng(11)
+    positions = rng.integers(0, 300, 3000)
+    starts = rng.integers(0, 100, 3000) * 0.5  # many queries land exactly on a trace's change of state
+    starts[::2] = rng.uniform(0, 3000, 1500)
+    ends = starts + rng.exponential(30, 3000)
+    online = vectorized.online_at(positions, starts)
+    gone = vectorized.first_offline(positions, starts, ends)
+    assert len(np.unique(profiles.tier[positions])) == 3 and 0 < online.mean() < 1 and np.isfinite(gone).any()
+    for i in range(3000):
+        assert one_by_one.is_online(positions[i], starts[i]) == online[i]
+        assert one_by_one.offline_within(positions[i], starts[i], ends[i]) == gone[i]
+    with pytest.raises(ValueError):
+        one_by_one.is_online(0, -1.0)
+    with pytest.raises(IndexError):
+        one_by_one.offline_within(300, 1.0, 2.0)

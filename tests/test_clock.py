@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from raysim.clock import APPLIED, LOST, OFFLINE, plan_tasks
+from raysim.clock import APPLIED, LOST, OFFLINE, plan_task, plan_tasks, stack_timings
 from raysim.fleet.profiles import FleetProfiles
 
 
@@ -119,6 +119,9 @@ class OnlineUntil:
         start, end = np.broadcast_arrays(start, end)
         return np.where(end >= self.until, np.maximum(start, self.until), np.inf)
 
+    def offline_within(self, position, start, end):
+        return max(start, self.until) if end >= self.until else np.inf
+
 
 def test_a_sensor_going_offline_mid_task_drops_it_then():
     # Lossless task: download 0.6 s, compute 1 s, upload 1.1 s; dispatched at 100 s.
@@ -162,3 +165,16 @@ def test_offline_periods_from_a_real_trace(tmp_path):
     assert dropped.outcome[0] == OFFLINE and dropped.arrived_at[0] == pytest.approx(101.8)
     later = plan(p, dispatched_at=150.0, availability=availability, positions=np.array([0]))
     assert later.delivered[0] and later.arrived_at[0] == pytest.approx(152.7)
+
+
+def test_one_task_plan_is_the_batch_plan_row():
+    """The async loop plans one task at a time; it must get exactly the batch planner's row."""
+    p = profiles(300, loss=0.3, retries=1, jitter=0.4)
+    keys = np.arange(300) % 7
+    availability = OnlineUntil(106.0)  # cuts tasks slowed by retries; lost downloads end by 105.2 s
+    batch = plan(p, round_index=keys, availability=availability, positions=np.arange(300))
+    args = dict(seed=5, dispatched_at=100.0, bytes_down=250_000, bytes_up=125_000, epochs=2, availability=availability)
+    rows = stack_timings([plan_task(p, i, task_key=int(keys[i]), **args) for i in range(300)])
+    assert set(batch.outcome) == {APPLIED, LOST, OFFLINE}
+    for name, column in batch.__dict__.items():
+        np.testing.assert_array_equal(getattr(rows, name), column, err_msg=name)
