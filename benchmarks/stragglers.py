@@ -3,9 +3,12 @@
 Runs sync FedAvg (wait-all, deadline, over-commit) and FedBuff side by side in
 one Ray instance and reports, for each, the virtual time and bytes at which
 the global model first reaches the scenarios' target accuracy, plus wall-clock
-throughput (sensor updates per second) of sync against async runs.
+throughput (sensor updates per second) of async runs against sync runs of the
+same size: the same fleet, and as many updates per model step (FedBuff's
+buffer K against the sync cohort) — K = 20 against cohort 20, and K = 100
+against cohort 100, each with 100 sensors in flight.
 
-    .venv/bin/python benchmarks/stragglers.py [--sensors 1000] [--repeats 3] [--out benchmarks/results/stragglers.json]
+    .venv/bin/python benchmarks/stragglers.py [--sensors 1000] [--repeats 5] [--out benchmarks/results/stragglers.json]
 """
 
 from __future__ import annotations
@@ -27,20 +30,23 @@ import raysim
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "sync wait-all": ("three_tier_wait_all.yaml", []),
+    # Throughput pairs run back to back: as many updates per model step as the sync cohort, and in all.
+    "fedbuff, K = 100": ("three_tier_fedbuff.yaml", ["aggregation.strategy.buffer_size=100", "training.rounds=30"]),
     "sync deadline": ("three_tier_deadline.yaml", []),
     "sync over-commit": ("three_tier_overcommit.yaml", []),
     "fedbuff": ("three_tier_fedbuff.yaml", []),
-    # The same number of updates per aggregation as FedBuff's buffer (K = 20), for the throughput comparison.
     "sync wait-all, cohort 20": ("three_tier_wait_all.yaml", ["aggregation.cohort=20", "training.rounds=120"]),
 }
-THROUGHPUT = ("sync wait-all", "fedbuff", "sync wait-all, cohort 20")
+# (async, sync of the same size) pairs whose throughput is compared.
+PAIRS = {"K = 20": ("fedbuff", "sync wait-all, cohort 20"), "K = 100": ("fedbuff, K = 100", "sync wait-all")}
+THROUGHPUT = tuple(label for pair in PAIRS.values() for label in pair)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sensors", type=int, default=1000)
     parser.add_argument("--target", type=float, default=None, help="target accuracy (default: the scenarios')")
-    parser.add_argument("--repeats", type=int, default=3,
+    parser.add_argument("--repeats", type=int, default=5,
                         help="runs of each throughput variant, interleaved; medians are reported (wall clock is noisy)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "stragglers.json")
     args = parser.parse_args(argv)
@@ -70,9 +76,6 @@ def main(argv: list[str] | None = None) -> int:
         results[label]["updates_per_s_runs"] = rates
         results[label]["updates_per_s"] = statistics.median(rates)
 
-    sync_rate = results["sync wait-all"]["updates_per_s"]
-    same_size_rate = results["sync wait-all, cohort 20"]["updates_per_s"]
-    async_rate = results["fedbuff"]["updates_per_s"]
     report = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "sensors": args.sensors,
@@ -80,8 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         "variants": results,
         "fedbuff_vs_wait_all_time_to_target": _ratio(results["fedbuff"]["time_to_target_s"],
                                                      results["sync wait-all"]["time_to_target_s"]),
-        "async_vs_sync_throughput": async_rate / sync_rate if sync_rate else None,
-        "async_vs_same_size_sync_throughput": async_rate / same_size_rate if same_size_rate else None,
+        # Per pair: each repeat's async / sync ratio (the two run back to back, so they share the
+        # machine's momentary load) and the median of those ratios.
+        "async_vs_sync_throughput": {pair: _paired(throughput[a], throughput[b]) for pair, (a, b) in PAIRS.items()},
+        "fedbuff_k20_vs_sync_cohort_100_throughput": _ratio(results["fedbuff"]["updates_per_s"],
+                                                            results["sync wait-all"]["updates_per_s"]),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
@@ -109,6 +115,11 @@ def _figures(file: str, s: dict, wall_s: float) -> dict:
     }
 
 
+def _paired(async_rates: list[float], sync_rates: list[float]) -> dict:
+    runs = [a / b for a, b in zip(async_rates, sync_rates)]
+    return {"median": statistics.median(runs), "runs": runs}
+
+
 def _ratio(a, b):
     return a / b if a is not None and b else None
 
@@ -124,8 +135,10 @@ def _print_table(report: dict) -> None:
               f"{r['updates_late']:6d} {r['updates_lost']:5d} {r['updates_offline']:7d} {r['updates_per_s']:10.0f}")
     ratio = report["fedbuff_vs_wait_all_time_to_target"]
     print(f"FedBuff time-to-target / wait-all: {ratio:.2f}" if ratio else "FedBuff or wait-all did not reach the target")
-    print(f"async / sync throughput: {report['async_vs_sync_throughput']:.2f} against cohort 100, "
-          f"{report['async_vs_same_size_sync_throughput']:.2f} against cohort 20 (= FedBuff's K)")
+    for pair, ratio in report["async_vs_sync_throughput"].items():
+        runs = ", ".join(f"{r:.2f}" for r in ratio["runs"])
+        print(f"FedBuff {pair} / sync cohort {pair.split()[-1]} throughput: {ratio['median']:.2f} (runs: {runs})")
+    print(f"FedBuff K = 20 / sync cohort 100 throughput: {report['fedbuff_k20_vs_sync_cohort_100_throughput']:.2f}")
 
 
 if __name__ == "__main__":

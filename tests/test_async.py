@@ -143,6 +143,10 @@ def test_async_invariants_on_a_heterogeneous_fleet(ray_session, tmp_path):
     histograms = board.Histograms("round/staleness")
     assert [h.step for h in histograms] == list(range(1, 9))
     assert [h.histogram_value.num for h in histograms] == [4] * 8
+    for h in histograms:  # one bucket per staleness value, counting the step's applied updates
+        counts = applied[applied["round"] == h.step].staleness.value_counts()
+        got = {round(limit - 0.5): n for limit, n in zip(h.histogram_value.bucket_limit, h.histogram_value.bucket) if n}
+        assert got == counts.to_dict()
 
 
 def test_fedbuff_with_k_and_c_equal_to_the_cohort_is_a_sync_round(ray_session, tmp_path):
