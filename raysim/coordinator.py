@@ -33,7 +33,7 @@ from raysim.metrics import RunRecorder, summarize
 from raysim.models import ParamLayout, build_model, init_weights
 from raysim.scenario import Scenario
 from raysim.streams import COHORT, DISPATCH, stream
-from raysim.strategies import STRATEGIES
+from raysim.strategies import STRATEGIES, ServerContext, UpdateBatch
 from raysim.training import evaluate
 
 SKIPPED = "skipped"  # delivered in a round that fell short of min_completion
@@ -60,9 +60,10 @@ class Coordinator:
         self.owner = np.empty(len(self.profiles), dtype=np.int64)
         for index, shard in enumerate(shards):
             self.owner[shard] = index
-        self.strategy = STRATEGIES.build(scenario.aggregation.strategy)
         self.model = build_model(scenario.model, fleet.channels, fleet.window, fleet.classes)
         self.layout = ParamLayout.of(self.model)
+        context = ServerContext(fleet_size=len(self.profiles), dim=self.layout.size, momentum=scenario.training.momentum)
+        self.strategy = STRATEGIES.build(scenario.aggregation.strategy, context)
         self.weights = init_weights(scenario.model, fleet.channels, fleet.window, fleet.classes, scenario.seed)
         self.test_x, self.test_y = _load_test_set(fleet, scenario)
         self.recorder = RunRecorder(Path(run_dir), scenario.logging.tensorboard)
@@ -117,6 +118,11 @@ class Coordinator:
         bytes_model = self.layout.num_bytes
         return dict(seed=self.scenario.seed, bytes_down=bytes_model, bytes_up=bytes_model,
                     epochs=self.scenario.training.local_epochs, availability=self.availability)
+
+    def apply(self, batch: UpdateBatch) -> None:
+        """One server step on the global model from a batch of accepted updates."""
+        step = self.strategy.pseudo_gradient(self.weights, batch)
+        self.weights = (self.weights + step).astype(np.float32)
 
     def record(self, row: dict[str, Any], events: dict[str, np.ndarray], staleness: np.ndarray | None = None) -> dict:
         """Evaluate if due, complete the step's metrics row, and hand both to the recorder."""
@@ -273,7 +279,7 @@ class SyncRounds:
             positions = chosen[accepted]
             trained = c.train(positions, np.full(len(positions), round_index), np.zeros(len(positions), np.int64),
                               {0: c.weights}).result()
-            c.weights = c.strategy.aggregate(c.weights, trained["updates"], trained["num_samples"])
+            c.apply(UpdateBatch(trained["updates"], trained["num_samples"], steps=trained["steps"]))
         c.virtual_time_s = float(end)
         outcome = outcome.astype(str)
         events = c.event_rows(chosen, plan, outcome, round_index=round_index,
@@ -521,13 +527,13 @@ class AsyncSteps:
         for task in step.buffer:
             task.collect()
         staleness = np.array(step.buffer_staleness, dtype=np.int64)
-        c.weights = c.strategy.step(
-            c.weights,
-            np.stack([self.versions[t.version] for t in step.buffer]),
+        c.apply(UpdateBatch(
             np.stack([t.update for t in step.buffer]),
-            staleness,
             np.array([t.num_samples for t in step.buffer], dtype=np.float64),
-        )
+            staleness=staleness,
+            steps=np.array([t.steps for t in step.buffer], dtype=np.int64),
+            base_weights=np.stack([self.versions[t.version] for t in step.buffer]),
+        ))
         for task in step.buffer:
             task.update = None  # applied; free the memory
         self.version = step.version

@@ -198,6 +198,7 @@ class Training(Frozen):
     batch_size: Union[PositiveInt, Literal["full"]] = 16  # "full" = one batch of all the sensor's samples
     lr: PositiveFloat = 0.05
     weight_decay: NonNegativeFloat = 0.0
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0  # ρ of local SGD momentum (0 = plain SGD)
     vectorized: bool = True  # train an actor's cohort as one batched computation; False = per-sensor loop
 
 

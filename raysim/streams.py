@@ -17,6 +17,7 @@ TRAIN = 0x7A1E  # per sensor and round: local batch order
 CLOCK = 0xC10C  # per sensor and round: transfer losses and retries
 PROFILE = 0x9F0F  # per sensor: speed and bandwidth drawn from the tier
 AVAILABILITY = 0xA7A1  # per sensor and block: the on/off process
+ATTACK = 0xA77C  # which sensors are malicious, and the noise they send
 
 
 def stream(seed: int, purpose: int, *keys: int) -> np.random.Generator:

@@ -1,13 +1,15 @@
 """Aggregation strategies: pure kernels over stacked flat updates, and a registry.
 
-A strategy turns the cohort's updates (``(n, d)`` float32 deltas against the
-global model they were trained from) into the next global model. Kernels take
-arrays and return new arrays; nothing here knows about Ray.
+A strategy turns a step's updates (``(n, d)`` float32 deltas against the
+models they were trained from) into a pseudo-gradient, which the server
+optimizer applies to the global model. Kernels take arrays and return new
+arrays; nothing here knows about Ray.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal, Protocol
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Literal, Protocol
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, PositiveFloat
@@ -16,27 +18,51 @@ from raysim.errors import AggregationError
 from raysim.registry import Registry
 
 
+@dataclass
+class UpdateBatch:
+    """The accepted updates of one server step, and what is known about each (rows aligned)."""
+
+    deltas: np.ndarray  # (n, d) float32: local model minus the base model it trained from
+    num_samples: np.ndarray  # (n,) training samples of each sensor
+    staleness: np.ndarray | None = None  # (n,) server steps since each base version; None = all 0 (sync)
+    steps: np.ndarray | None = None  # (n,) local SGD steps taken (FedNova)
+    lr: np.ndarray | None = None  # (n,) local learning rate used (FedNova, SCAFFOLD)
+    base_weights: np.ndarray | None = None  # (n, d) the base models (FedAsync)
+    controls: np.ndarray | None = None  # (n, d) control-variate changes c_i⁺ − c_i (SCAFFOLD)
+
+    def __post_init__(self) -> None:
+        if self.staleness is None:
+            self.staleness = np.zeros(len(self.deltas), dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class ServerContext:
+    """What a strategy may need to know of the run when it is built."""
+
+    fleet_size: int = 1
+    dim: int = 0  # length of the flat weight vector
+    momentum: float = 0.0  # local SGD momentum ρ (training.momentum)
+
+
+# (updates (n, d), weights (n,)) → their combination (d,): the weighted mean, or a robust aggregator.
+Combine = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
 class Strategy(Protocol):
-    """Synchronous server-side aggregation of one round's updates."""
+    """Server side of an algorithm: turns a step's updates into a pseudo-gradient Δ_t.
 
-    def aggregate(self, global_weights: np.ndarray, updates: np.ndarray, num_samples: np.ndarray) -> np.ndarray:
-        """Return the new global weights from ``updates`` (n, d) and each update's sample count (n,)."""
+    The coordinator applies Δ_t with the scenario's server optimizer
+    (x ← x + Δ_t by default). ``combine`` is how the strategy averages rows:
+    the weighted mean, or clipping then a robust aggregator if configured.
+    """
+
+    buffer_size: int  # async: delivered updates per server step (sync: unused)
+
+    def pseudo_gradient(self, global_weights: np.ndarray, batch: UpdateBatch, combine: Combine) -> np.ndarray: ...
+
+    def client(self) -> dict[str, float]:
+        """What client actors need to know of the algorithm: ``prox_mu`` and ``scaffold`` (0 or 1)."""
         ...
-
-
-class AsyncStrategy(Protocol):
-    """Asynchronous server step over a buffer of (possibly stale) updates."""
-
-    buffer_size: int  # delivered updates per server step
-
-    def step(
-        self,
-        global_weights: np.ndarray,
-        base_weights: np.ndarray,  # (n, d): the version each update was trained from
-        deltas: np.ndarray,  # (n, d)
-        staleness: np.ndarray,  # (n,) server steps since each base version
-        num_samples: np.ndarray,  # (n,)
-    ) -> np.ndarray: ...
 
 
 STRATEGIES: Registry[Strategy] = Registry("aggregation.strategy")
@@ -82,18 +108,24 @@ class FedAvg:
     Δ_k is sensor k's local model minus the global model it started from.
     """
 
-    def __init__(self, config: FedAvgConfig) -> None:
+    buffer_size = 0
+
+    def __init__(self, config: FedAvgConfig, context: ServerContext | None = None) -> None:
         self.config = config
 
-    def aggregate(self, global_weights: np.ndarray, updates: np.ndarray, num_samples: np.ndarray) -> np.ndarray:
-        weights = np.ones(len(updates)) if self.config.weighting == "uniform" else num_samples
-        step = weighted_mean(updates, weights)
-        return (global_weights + self.config.server_lr * step).astype(np.float32)
+    def weights(self, batch: UpdateBatch) -> np.ndarray:
+        return np.ones(len(batch.deltas)) if self.config.weighting == "uniform" else batch.num_samples
+
+    def pseudo_gradient(self, global_weights: np.ndarray, batch: UpdateBatch, combine: Combine = weighted_mean) -> np.ndarray:
+        return self.config.server_lr * np.asarray(combine(batch.deltas, self.weights(batch)), dtype=np.float64)
+
+    def client(self) -> dict[str, float]:
+        return {"prox_mu": 0.0, "scaffold": 0}
 
 
 STRATEGIES.register("fedavg", FedAvgConfig)(FedAvg)
 
-# Registers FedBuff and FedAsync (imported for that side effect, after the registry exists).
-from raysim.strategies import asynchronous  # noqa: E402,F401
+# Register FedProx, SCAFFOLD, FedNova, FedBuff and FedAsync (imported for that side effect, after the registry exists).
+from raysim.strategies import asynchronous, drift  # noqa: E402,F401
 
-__all__ = ["STRATEGIES", "AsyncStrategy", "FedAvg", "FedAvgConfig", "Strategy", "weighted_mean"]
+__all__ = ["STRATEGIES", "Combine", "FedAvg", "FedAvgConfig", "ServerContext", "Strategy", "UpdateBatch", "weighted_mean"]

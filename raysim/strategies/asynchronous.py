@@ -13,7 +13,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
 from raysim.errors import AggregationError
-from raysim.strategies import STRATEGIES, weighted_mean
+from raysim.strategies import STRATEGIES, Combine, ServerContext, UpdateBatch, weighted_mean
 
 
 class Staleness(BaseModel):
@@ -43,31 +43,6 @@ def staleness_weight(staleness: np.ndarray, config: Staleness) -> np.ndarray:
     return 1.0 / (config.a * np.maximum(tau - config.b, 0.0) + 1.0)
 
 
-def fedbuff_step(
-    global_weights: np.ndarray, deltas: np.ndarray, weights: np.ndarray, server_lr: float
-) -> np.ndarray:
-    """One FedBuff server step (Nguyen et al., AISTATS 2022, Alg. 1).
-
-        x ← x + η_g · Σ_i w_i Δ_i / Σ_i w_i,   w_i = s(τ_i) (uniform) or s(τ_i)·n_i (sample-weighted)
-
-    The paper's uniform 1/K average is the case w_i = s(τ_i) with every τ_i = 0.
-    """
-    return (global_weights + server_lr * weighted_mean(deltas, weights)).astype(np.float32)
-
-
-def fedasync_step(
-    global_weights: np.ndarray, base_weights: np.ndarray, delta: np.ndarray, mixing: float
-) -> np.ndarray:
-    """One FedAsync server update (Xie et al. 2019, Alg. 1, option with staleness).
-
-        x ← (1 − α_t)·x + α_t·x_new,   x_new = x_base + Δ,   α_t = α·s(τ)
-
-    With α_t = 1 the global model is replaced by the arriving one.
-    """
-    local = base_weights.astype(np.float64) + delta
-    return ((1.0 - mixing) * global_weights + mixing * local).astype(np.float32)
-
-
 class AsyncConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     modes: ClassVar[tuple[str, ...]] = ("async",)
@@ -75,6 +50,7 @@ class AsyncConfig(BaseModel):
     concurrency: PositiveInt = 100  # C: sensors training at once
     max_staleness: NonNegativeInt = 20  # updates staler than this are dropped as late
     staleness: Staleness = Staleness()
+    prox_mu: NonNegativeFloat = 0.0  # μ of a FedProx proximal term in local training (0 = none)
 
 
 class FedBuffConfig(AsyncConfig):
@@ -90,30 +66,47 @@ class FedAsyncConfig(AsyncConfig):
 
 
 class FedBuff:
-    """Buffered asynchronous aggregation: a server step every K delivered updates."""
+    """FedBuff (Nguyen et al., AISTATS 2022, Alg. 1): a server step every K delivered updates.
 
-    def __init__(self, config: FedBuffConfig) -> None:
+        Δ_t = η_g · combine(Δ_i, w_i),   w_i = s(τ_i) (uniform) or s(τ_i)·n_i (sample-weighted)
+
+    The paper's uniform 1/K average is the weighted mean with every τ_i = 0.
+    """
+
+    def __init__(self, config: FedBuffConfig, context: ServerContext | None = None) -> None:
         self.config = config
         self.buffer_size = config.buffer_size
 
-    def step(self, global_weights, base_weights, deltas, staleness, num_samples) -> np.ndarray:
-        weights = staleness_weight(staleness, self.config.staleness)
+    def pseudo_gradient(self, global_weights: np.ndarray, batch: UpdateBatch, combine: Combine = weighted_mean) -> np.ndarray:
+        weights = staleness_weight(batch.staleness, self.config.staleness)
         if self.config.weighting == "samples":
-            weights = weights * num_samples
-        return fedbuff_step(global_weights, deltas, weights, self.config.server_lr)
+            weights = weights * batch.num_samples
+        return self.config.server_lr * np.asarray(combine(batch.deltas, weights), dtype=np.float64)
+
+    def client(self) -> dict[str, float]:
+        return {"prox_mu": self.config.prox_mu, "scaffold": 0}
 
 
 class FedAsync:
-    """Fully asynchronous aggregation: every delivered update is mixed into the model at once."""
+    """FedAsync (Xie et al. 2019, Alg. 1 with staleness): every delivered update is mixed in at once.
+
+        x ← (1 − α_t)·x + α_t·(x_base + Δ),   α_t = α·s(τ);   as a pseudo-gradient, Δ_t = α_t·(x_base + Δ − x)
+
+    With α_t = 1 the global model is replaced by the arriving one.
+    """
 
     buffer_size = 1
 
-    def __init__(self, config: FedAsyncConfig) -> None:
+    def __init__(self, config: FedAsyncConfig, context: ServerContext | None = None) -> None:
         self.config = config
 
-    def step(self, global_weights, base_weights, deltas, staleness, num_samples) -> np.ndarray:
-        mixing = self.config.alpha * float(staleness_weight(staleness[:1], self.config.staleness)[0])
-        return fedasync_step(global_weights, base_weights[0], deltas[0], mixing)
+    def pseudo_gradient(self, global_weights: np.ndarray, batch: UpdateBatch, combine: Combine = weighted_mean) -> np.ndarray:
+        mixing = self.config.alpha * float(staleness_weight(batch.staleness[:1], self.config.staleness)[0])
+        local = batch.base_weights[0].astype(np.float64) + batch.deltas[0]
+        return mixing * (local - global_weights)
+
+    def client(self) -> dict[str, float]:
+        return {"prox_mu": self.config.prox_mu, "scaffold": 0}
 
 
 STRATEGIES.register("fedbuff", FedBuffConfig)(FedBuff)

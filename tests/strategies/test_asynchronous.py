@@ -4,15 +4,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from raysim.errors import AggregationError
-from raysim.strategies import STRATEGIES
-from raysim.strategies.asynchronous import (
-    FedAsyncConfig,
-    FedBuffConfig,
-    Staleness,
-    fedasync_step,
-    fedbuff_step,
-    staleness_weight,
-)
+from raysim.strategies import STRATEGIES, UpdateBatch
+from raysim.strategies.asynchronous import FedAsyncConfig, FedBuffConfig, Staleness, staleness_weight
 
 FUNCTIONS = [
     Staleness(function="constant"),
@@ -46,30 +39,31 @@ def test_fedbuff_with_fresh_updates_is_the_plain_average(count, dim):
     x = rng.normal(size=dim).astype(np.float32)
     deltas = rng.normal(size=(count, dim)).astype(np.float32)
     fedbuff = STRATEGIES.build(FedBuffConfig(buffer_size=count))
-    new = fedbuff.step(x, np.tile(x, (count, 1)), deltas, np.zeros(count, int), np.ones(count))
-    np.testing.assert_allclose(new, x + deltas.mean(0), rtol=1e-5, atol=1e-5)
+    step = fedbuff.pseudo_gradient(x, UpdateBatch(deltas, np.ones(count), staleness=np.zeros(count, int)))
+    np.testing.assert_allclose(x + step, x + deltas.mean(0), rtol=1e-5, atol=1e-5)
 
 
 def test_fedbuff_discounts_stale_updates_and_applies_server_lr():
     x = np.zeros(2, np.float32)
     deltas = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
     # s(0) = 1, s(3) = 1/2 with a = 0.5: weights 2/3 and 1/3.
-    new = fedbuff_step(x, deltas, staleness_weight(np.array([0, 3]), Staleness(a=0.5)), server_lr=0.9)
-    np.testing.assert_allclose(new, [0.9 * 2 / 3, 0.9 * 1 / 3], rtol=1e-6)
+    fedbuff = STRATEGIES.build(FedBuffConfig(buffer_size=2, server_lr=0.9, staleness=Staleness(a=0.5)))
+    step = fedbuff.pseudo_gradient(x, UpdateBatch(deltas, np.array([5, 500]), staleness=np.array([0, 3])))
+    np.testing.assert_allclose(x + step, [0.9 * 2 / 3, 0.9 * 1 / 3], rtol=1e-6)
 
 
 def test_fedasync_with_alpha_one_and_constant_weight_replaces_the_model():
     rng = np.random.default_rng(0)
     x, base, delta = (rng.normal(size=7).astype(np.float32) for _ in range(3))
     fedasync = STRATEGIES.build(FedAsyncConfig(alpha=1.0, staleness=Staleness(function="constant")))
-    new = fedasync.step(x, base[None], delta[None], np.array([5]), np.array([10]))
-    np.testing.assert_allclose(new, base + delta, rtol=1e-6)
+    step = fedasync.pseudo_gradient(x, UpdateBatch(delta[None], np.array([10]), staleness=np.array([5]),
+                                                   base_weights=base[None]))
+    np.testing.assert_allclose(x + step, base + delta, rtol=1e-6)
 
 
 def test_fedasync_mixes_by_alpha_times_staleness_weight():
-    x = np.array([0.0], np.float32)
-    out = fedasync_step(x, np.array([1.0], np.float32), np.array([1.0], np.float32), mixing=0.25)
-    np.testing.assert_allclose(out, [0.5])  # (1 − 0.25)·0 + 0.25·(1 + 1)
+    x = np.array([1.0], np.float32)
     fedasync = STRATEGIES.build(FedAsyncConfig(alpha=0.5, staleness=Staleness(function="polynomial", a=1.0)))
-    new = fedasync.step(x, np.array([[2.0]], np.float32), np.array([[0.0]], np.float32), np.array([1]), np.array([1]))
-    np.testing.assert_allclose(new, [0.5])  # α·s(1) = 0.5·0.5 = 0.25 of the way to 2
+    step = fedasync.pseudo_gradient(x, UpdateBatch(np.array([[2.0]], np.float32), np.array([1]),
+                                                   staleness=np.array([1]), base_weights=np.array([[3.0]], np.float32)))
+    np.testing.assert_allclose(x + step, [2.0])  # α·s(1) = 0.5·0.5 = 0.25 of the way from 1 to 3 + 2

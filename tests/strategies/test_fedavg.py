@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from raysim.errors import AggregationError
-from raysim.strategies import STRATEGIES, FedAvgConfig, weighted_mean
+from raysim.strategies import STRATEGIES, FedAvgConfig, UpdateBatch, weighted_mean
 
 finite = st.floats(-1e3, 1e3, width=32)
 
@@ -54,12 +54,12 @@ def test_fedavg_moves_global_model_by_weighted_delta():
     fedavg = STRATEGIES.build(FedAvgConfig())
     global_w = np.array([1.0, 1.0], dtype=np.float32)
     deltas = np.array([[1.0, 0.0], [0.0, 2.0]], dtype=np.float32)
-    new = fedavg.aggregate(global_w, deltas, np.array([3, 1]))
-    np.testing.assert_allclose(new, [1.75, 1.5])
-    assert new.dtype == np.float32
+    step = fedavg.pseudo_gradient(global_w, UpdateBatch(deltas, np.array([3, 1])))
+    np.testing.assert_allclose(global_w + step, [1.75, 1.5])
 
 
 def test_fedavg_uniform_weighting_and_server_lr():
     fedavg = STRATEGIES.build(FedAvgConfig(weighting="uniform", server_lr=0.5))
-    new = fedavg.aggregate(np.zeros(2, np.float32), np.array([[2.0, 0.0], [0.0, 4.0]], np.float32), np.array([100, 1]))
-    np.testing.assert_allclose(new, [0.5, 1.0])
+    step = fedavg.pseudo_gradient(np.zeros(2, np.float32),
+                                  UpdateBatch(np.array([[2.0, 0.0], [0.0, 4.0]], np.float32), np.array([100, 1])))
+    np.testing.assert_allclose(step, [0.5, 1.0])
