@@ -8,6 +8,7 @@ The training itself lives in :mod:`raysim.training`.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,10 @@ from raysim.fleet import FleetData, preprocess, store
 from raysim.models import ParamLayout, build_model
 from raysim.scenario import Scenario
 from raysim.streams import TRAIN, stream
-from raysim.training import LocalTraining, train_reference, train_vectorized
+from raysim.attacks import choose_attackers, flip_labels
+from raysim.strategies import client_settings
+from raysim.strategies.validation import fingerprint
+from raysim.training import LocalTraining, scaffold_control_update, train_reference, train_vectorized
 
 
 class ClientActor:
@@ -29,12 +33,20 @@ class ClientActor:
         threads = max(1, int(scenario.cluster.num_cpus))
         torch.set_num_threads(threads)
         self.scenario = scenario
-        self.local = LocalTraining.from_scenario(scenario.training)
+        client = client_settings(scenario.aggregation.strategy)
+        self.local = replace(LocalTraining.from_scenario(scenario.training), prox_mu=client["prox_mu"])
+        self.scaffold = bool(client["scaffold"])
+        self.controls: dict[int, np.ndarray] = {}  # SCAFFOLD: each hosted sensor's control variate c_i
         self.model = build_model(scenario.model, fleet.channels, fleet.window, fleet.classes)
         self.layout = ParamLayout.of(self.model)
         prep = scenario.fleet.data.preprocess
         loaded = store.read_sensors(fleet.train_path, np.asarray(sensor_ids))
-        self.data = {sid: (preprocess.apply(x, prep), y) for sid, (x, y) in loaded.items()}
+        flipped = set()
+        if scenario.attack is not None and scenario.attack.kind == "label_flip":
+            ids = fleet.profiles.sensor_id
+            flipped = set(ids[choose_attackers(scenario.seed, ids, scenario.attack.fraction)].tolist())
+        self.data = {sid: (preprocess.apply(x, prep), flip_labels(y, fleet.classes) if sid in flipped else y)
+                     for sid, (x, y) in loaded.items()}
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -59,13 +71,22 @@ class ClientActor:
         }
 
     def train(
-        self, task_keys: np.ndarray, sensor_ids: np.ndarray, version_slots: np.ndarray, *weights: np.ndarray
+        self,
+        task_keys: np.ndarray,
+        sensor_ids: np.ndarray,
+        version_slots: np.ndarray,
+        lr: np.ndarray,
+        *weights: np.ndarray,
+        control: np.ndarray | None = None,
     ) -> dict[str, np.ndarray]:
         """Train hosted sensors; one call per training batch.
 
         Task i trains sensor ``sensor_ids[i]`` from ``weights[version_slots[i]]``
-        (each version is one shared ``ray.put`` object), with its batch order
-        drawn from the stream keyed by (sensor, ``task_keys[i]``).
+        (each version is one shared ``ray.put`` object) at learning rate
+        ``lr[i]``, with its batch order drawn from the stream keyed by (sensor,
+        ``task_keys[i]``). Each result carries the fingerprint of the weights it
+        trained from. With SCAFFOLD, ``control`` is the server's c: gradients are
+        corrected by c − c_i, c_i is updated, and its change is returned.
         """
         seed = self.scenario.seed
         datasets = [self.data[int(sid)] for sid in sensor_ids]
@@ -75,10 +96,26 @@ class ClientActor:
         ]
         start = weights[0] if len(weights) == 1 else np.stack([weights[v] for v in version_slots])
         trainer = train_vectorized if self.scenario.training.vectorized else train_reference
-        result = trainer(self.model, self.layout, start, datasets, plans, self.local)
-        return {
-            "updates": result.updates,
-            "num_samples": np.array([len(y) for _, y in datasets], dtype=np.int64),
-            "train_loss": result.train_loss,
-            "steps": result.steps,
-        }
+        lr = np.asarray(lr, dtype=np.float64)
+        out: dict[str, np.ndarray] = {}
+        if self.scaffold:
+            if control is None:
+                raise ValueError("SCAFFOLD training needs the server's control variate")
+            local = np.stack([self.controls.get(int(sid), np.zeros(self.layout.size, np.float32)) for sid in sensor_ids])
+            result = trainer(self.model, self.layout, start, datasets, plans, self.local, lr=lr,
+                             correction=(control[None, :] - local).astype(np.float32))
+            updated = scaffold_control_update(local, control, result.updates, result.steps, lr)
+            for sid, c_i in zip(sensor_ids, updated):
+                self.controls[int(sid)] = c_i
+            out["controls"] = updated - local
+        else:
+            result = trainer(self.model, self.layout, start, datasets, plans, self.local, lr=lr)
+        prints = np.array([fingerprint(w) for w in weights], dtype=np.int64)
+        out.update(
+            updates=result.updates,
+            num_samples=np.array([len(y) for _, y in datasets], dtype=np.int64),
+            train_loss=result.train_loss,
+            steps=result.steps,
+            fingerprint=prints[np.asarray(version_slots, dtype=np.int64)],
+        )
+        return out

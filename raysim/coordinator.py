@@ -32,11 +32,17 @@ from raysim.fleet import FleetData, preprocess, store
 from raysim.metrics import RunRecorder, summarize
 from raysim.models import ParamLayout, build_model, init_weights
 from raysim.scenario import Scenario
-from raysim.streams import COHORT, DISPATCH, stream
+from raysim.streams import ATTACK, COHORT, DISPATCH, stream
+from raysim.attacks import attack_updates, choose_attackers
 from raysim.strategies import STRATEGIES, ServerContext, UpdateBatch
+from raysim.strategies.robust import AGGREGATORS, norm_clip
+from raysim.strategies.server_optimizers import SERVER_OPTIMIZERS
+from raysim.strategies.validation import ACCEPTED, fingerprint, screen
 from raysim.training import evaluate
 
 SKIPPED = "skipped"  # delivered in a round that fell short of min_completion
+REJECTED = "rejected"  # trained and received, but refused by validation (events.reason says why)
+TOO_FEW = "too_few_valid"  # valid, but the step had fewer valid updates than its aggregator needs
 
 
 class Coordinator:
@@ -62,8 +68,15 @@ class Coordinator:
             self.owner[shard] = index
         self.model = build_model(scenario.model, fleet.channels, fleet.window, fleet.classes)
         self.layout = ParamLayout.of(self.model)
+        aggregation = scenario.aggregation
         context = ServerContext(fleet_size=len(self.profiles), dim=self.layout.size, momentum=scenario.training.momentum)
-        self.strategy = STRATEGIES.build(scenario.aggregation.strategy, context)
+        self.strategy = STRATEGIES.build(aggregation.strategy, context)
+        self.aggregator = AGGREGATORS.build(aggregation.aggregator)
+        self.optimizer = SERVER_OPTIMIZERS.build(aggregation.server_optimizer)
+        self.scaffold = bool(self.strategy.client()["scaffold"])
+        self.malicious = (choose_attackers(scenario.seed, self.profiles.sensor_id, scenario.attack.fraction)
+                          if scenario.attack is not None else np.zeros(len(self.profiles), dtype=bool))
+        self.fingerprints: dict[int, int] = {}  # model version → fingerprint of its weights
         self.weights = init_weights(scenario.model, fleet.channels, fleet.window, fleet.classes, scenario.seed)
         self.test_x, self.test_y = _load_test_set(fleet, scenario)
         self.recorder = RunRecorder(Path(run_dir), scenario.logging.tensorboard)
@@ -87,13 +100,20 @@ class Coordinator:
 
         One call per client actor hosting any of them; ``weights`` maps a
         version to its weights or to an object ref of them, so each version is
-        ``ray.put`` once and shared. The returned handle's ``result()`` waits and
+        ``ray.put`` once and shared. A task's learning rate follows the
+        schedule at its version. The returned handle's ``result()`` waits and
         gives the results in input order; until then the coordinator is free.
         """
         needed = sorted(set(versions.tolist()))
         refs = [weights[v] if isinstance(weights[v], ray.ObjectRef) else ray.put(weights[v]) for v in needed]
+        for v in needed:
+            if v not in self.fingerprints:
+                self.fingerprints[v] = fingerprint(weights[v] if not isinstance(weights[v], ray.ObjectRef)
+                                                   else ray.get(weights[v]))
         slot = {v: i for i, v in enumerate(needed)}
         version_slots = np.array([slot[v] for v in versions.tolist()], dtype=np.int64)
+        lr = self.lr_at(versions)
+        control = {"control": ray.put(self.strategy.control)} if self.scaffold else {}
         owners = self.owner[positions]
         calls, rows = [], []
         for actor_index in np.unique(owners):
@@ -101,10 +121,53 @@ class Coordinator:
             rows.append(mine)
             calls.append(
                 self.actors[actor_index].train.remote(
-                    task_keys[mine], self.profiles.sensor_id[positions[mine]], version_slots[mine], *refs
+                    task_keys[mine], self.profiles.sensor_id[positions[mine]], version_slots[mine], lr[mine], *refs,
+                    **control,
                 )
             )
         return _Training(calls, rows, len(positions))
+
+    def lr_at(self, versions: np.ndarray) -> np.ndarray:
+        """Local learning rate of tasks training from these model versions (version v is round v + 1's)."""
+        training = self.scenario.training
+        rates = {v: training.lr_schedule.at(training.lr, v + 1, training.rounds) for v in set(versions.tolist())}
+        return np.array([rates[v] for v in versions.tolist()], dtype=np.float64)
+
+    def aggregate(self, positions: np.ndarray, trained: dict[str, np.ndarray], *, step_key: int,
+                  base_versions: np.ndarray, staleness: np.ndarray, base_weights: np.ndarray | None = None) -> np.ndarray:
+        """Attack, validate and aggregate one step's trained updates, then apply the server optimizer.
+
+        Returns each row's rejection reason ("" for the updates aggregated). A
+        step with fewer valid updates than the aggregator needs leaves the model
+        unchanged and marks them ``too_few_valid``.
+        """
+        scenario = self.scenario
+        updates = trained["updates"]
+        attack = scenario.attack
+        if attack is not None and self.malicious[positions].any():
+            updates = attack_updates(attack, updates, self.malicious[positions], stream(scenario.seed, ATTACK, step_key))
+        expected = np.array([self.fingerprints.get(int(v), -1) for v in base_versions], dtype=np.int64)
+        reasons = screen(updates, trained["fingerprint"] == expected, scenario.aggregation.validation).astype(object)
+        valid = reasons == ACCEPTED
+        if valid.sum() < max(self.aggregator.min_updates(), 1):
+            reasons[valid] = TOO_FEW
+            return reasons.astype(str)
+        batch = UpdateBatch(
+            updates[valid],
+            trained["num_samples"][valid],
+            staleness=np.asarray(staleness)[valid],
+            steps=trained["steps"][valid],
+            lr=self.lr_at(np.asarray(base_versions))[valid],
+            base_weights=base_weights[valid] if base_weights is not None else None,
+            controls=trained["controls"][valid] if "controls" in trained else None,
+        )
+        step = self.strategy.pseudo_gradient(self.weights, batch, self._combine)
+        self.weights = self.optimizer.apply(self.weights, step)
+        return reasons.astype(str)
+
+    def _combine(self, updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        clip = self.scenario.aggregation.clip_norm
+        return self.aggregator.aggregate(norm_clip(updates, clip) if clip is not None else updates, weights)
 
     def plan(self, positions: np.ndarray, task_keys: np.ndarray | int, dispatched_at: float) -> TaskPlan:
         return plan_tasks(self.profiles.take(positions), task_keys=task_keys, dispatched_at=dispatched_at,
@@ -115,14 +178,13 @@ class Coordinator:
                          **self._clock_inputs())
 
     def _clock_inputs(self) -> dict[str, Any]:
-        bytes_model = self.layout.num_bytes
-        return dict(seed=self.scenario.seed, bytes_down=bytes_model, bytes_up=bytes_model,
+        return dict(seed=self.scenario.seed, bytes_down=self.bytes_per_transfer, bytes_up=self.bytes_per_transfer,
                     epochs=self.scenario.training.local_epochs, availability=self.availability)
 
-    def apply(self, batch: UpdateBatch) -> None:
-        """One server step on the global model from a batch of accepted updates."""
-        step = self.strategy.pseudo_gradient(self.weights, batch)
-        self.weights = (self.weights + step).astype(np.float32)
+    @property
+    def bytes_per_transfer(self) -> int:
+        """Bytes of one download or upload: the model, and SCAFFOLD's control variate with it."""
+        return self.layout.num_bytes * (2 if self.scaffold else 1)
 
     def record(self, row: dict[str, Any], events: dict[str, np.ndarray], staleness: np.ndarray | None = None) -> dict:
         """Evaluate if due, complete the step's metrics row, and hand both to the recorder."""
@@ -149,7 +211,7 @@ class Coordinator:
 
     def event_rows(self, positions: np.ndarray, plan: TaskPlan, outcome: np.ndarray, *, round_index: int,
                    base_version: np.ndarray, staleness: np.ndarray, trained: dict | None,
-                   trained_mask: np.ndarray) -> dict[str, np.ndarray]:
+                   trained_mask: np.ndarray, reason: np.ndarray | None = None) -> dict[str, np.ndarray]:
         count = len(positions)
         members = self.profiles.take(positions)
         train_loss = np.full(count, np.nan)
@@ -157,7 +219,7 @@ class Coordinator:
         if trained is not None:
             train_loss[trained_mask] = trained["train_loss"]
             steps[trained_mask] = trained["steps"]
-        bytes_model = self.layout.num_bytes
+        bytes_model = self.bytes_per_transfer
         return {
             "sensor": members.sensor_id,
             "round": np.full(count, round_index, dtype=np.int64),
@@ -169,6 +231,7 @@ class Coordinator:
             "upload_s": plan.upload_s,
             "arrived_at": plan.arrived_at,
             "outcome": outcome,
+            "reason": reason if reason is not None else np.full(count, "", dtype=object),
             "staleness": staleness.astype(np.int64),
             "retransmissions": plan.retransmissions,
             "num_samples": members.num_samples,
@@ -183,8 +246,11 @@ class Coordinator:
         self.recorder.close()
         checkpoints = self.run_dir / "checkpoints"
         checkpoints.mkdir(exist_ok=True)
+        server_state = {f"optimizer.{k}": v for k, v in self.optimizer.state_dict().items()}
+        if self.scaffold:
+            server_state["scaffold.control"] = self.strategy.control
         np.savez(checkpoints / "final.npz", weights=self.weights, round=self.step_index,
-                 virtual_time_s=self.virtual_time_s)
+                 virtual_time_s=self.virtual_time_s, **server_state)
         summary = summarize(self.recorder.metrics_table(), self.scenario.logging.target_accuracy)
         return {"summary": summary, "weights": self.weights}
 
@@ -203,7 +269,9 @@ class _Training:
             order[np.concatenate(self.rows)] = np.arange(self.count)
             merged = {key: np.concatenate([np.atleast_1d(p[key]) for p in parts])[order]
                       for key in ("num_samples", "train_loss", "steps")}
-            merged["updates"] = np.concatenate([p["updates"] for p in parts])[order]
+            for key in ("updates", "fingerprint", "controls"):
+                if key in parts[0]:
+                    merged[key] = np.concatenate([p[key] for p in parts])[order]
             self._result, self.calls = merged, []
         return self._result
 
@@ -219,6 +287,7 @@ def _task_figures(events: dict[str, np.ndarray], plan: TaskPlan, trained_mask: n
         "updates_late": int((outcome == LATE).sum()),
         "updates_lost": int((outcome == LOST).sum()),
         "updates_offline": int((outcome == OFFLINE).sum()),
+        "updates_rejected": int((outcome == REJECTED).sum()),
         "updates_dropped": int((outcome != APPLIED).sum()),
         "retransmissions": int(plan.retransmissions.sum()),
         "trainings_skipped": int(wasted.sum()),
@@ -275,16 +344,21 @@ class SyncRounds:
         else:
             end = plan.arrived_at.max()
         trained = None
+        reason = np.full(len(chosen), "", dtype=object)
         if accepted.any():
             positions = chosen[accepted]
-            trained = c.train(positions, np.full(len(positions), round_index), np.zeros(len(positions), np.int64),
-                              {0: c.weights}).result()
-            c.apply(UpdateBatch(trained["updates"], trained["num_samples"], steps=trained["steps"]))
+            version = round_index - 1
+            trained = c.train(positions, np.full(len(positions), round_index), np.full(len(positions), version),
+                              {version: c.weights}).result()
+            reason[accepted] = c.aggregate(positions, trained, step_key=round_index,
+                                           base_versions=np.full(len(positions), version),
+                                           staleness=np.zeros(len(positions), np.int64))
+            outcome[accepted & (reason != "")] = REJECTED
         c.virtual_time_s = float(end)
         outcome = outcome.astype(str)
         events = c.event_rows(chosen, plan, outcome, round_index=round_index,
                               base_version=np.full(len(chosen), round_index - 1), staleness=np.zeros(len(chosen)),
-                              trained=trained, trained_mask=accepted)
+                              trained=trained, trained_mask=accepted, reason=reason)
         row = {
             "round": round_index,
             "round_duration_s": float(end - start),
@@ -330,11 +404,14 @@ class _Task:
     training: "_Training | None" = None  # the batch it was sent in
     row: int = 0  # its row in that batch
     trained: bool = False
+    fingerprint: int = 0  # of the weights it trained from, as its client actor reports it
+    reason: str = ""  # why validation rejected it, if it did
 
     def collect(self) -> None:
         """Wait for this task's training batch and take its results."""
         result = self.training.result()
         self.update = result["updates"][self.row]
+        self.fingerprint = int(result["fingerprint"][self.row])
         self.num_samples = int(result["num_samples"][self.row])
         self.train_loss = float(result["train_loss"][self.row])
         self.steps = int(result["steps"][self.row])
@@ -527,13 +604,18 @@ class AsyncSteps:
         for task in step.buffer:
             task.collect()
         staleness = np.array(step.buffer_staleness, dtype=np.int64)
-        c.apply(UpdateBatch(
-            np.stack([t.update for t in step.buffer]),
-            np.array([t.num_samples for t in step.buffer], dtype=np.float64),
-            staleness=staleness,
-            steps=np.array([t.steps for t in step.buffer], dtype=np.int64),
-            base_weights=np.stack([self.versions[t.version] for t in step.buffer]),
-        ))
+        buffer = {
+            "updates": np.stack([t.update for t in step.buffer]),
+            "num_samples": np.array([t.num_samples for t in step.buffer], dtype=np.float64),
+            "steps": np.array([t.steps for t in step.buffer], dtype=np.int64),
+            "fingerprint": np.array([t.fingerprint for t in step.buffer], dtype=np.int64),
+        }
+        reasons = c.aggregate(np.array([t.position for t in step.buffer]), buffer, step_key=step.version,
+                              base_versions=np.array([t.version for t in step.buffer]), staleness=staleness,
+                              base_weights=np.stack([self.versions[t.version] for t in step.buffer]))
+        for task, reason in zip(step.buffer, reasons):
+            task.reason = str(reason)
+        staleness = staleness[reasons == ACCEPTED]
         for task in step.buffer:
             task.update = None  # applied; free the memory
         self.version = step.version
@@ -553,7 +635,7 @@ class AsyncSteps:
                 task.collect()  # trained but ended late: its training is reported, not hidden
         positions = np.array([t.position for t in step.ended], dtype=np.int64)
         plan = stack_timings([t.timing for t in step.ended])
-        outcome = np.array(step.outcomes, dtype=str)
+        outcome = np.array([REJECTED if t.reason else o for t, o in zip(step.ended, step.outcomes)], dtype=str)
         trained_mask = np.array([t.trained for t in step.ended], dtype=bool)
         trained = {
             "train_loss": np.array([t.train_loss for t in step.ended if t.trained]),
@@ -561,14 +643,15 @@ class AsyncSteps:
         }
         events = c.event_rows(positions, plan, outcome, round_index=step.version,
                               base_version=np.array([t.version for t in step.ended]),
-                              staleness=np.array(step.staleness), trained=trained, trained_mask=trained_mask)
+                              staleness=np.array(step.staleness), trained=trained, trained_mask=trained_mask,
+                              reason=np.array([t.reason for t in step.ended], dtype=object))
         row = {
             "round": step.version,
             "round_duration_s": step.time_s - self.last_step_time,
             "status": "ok",
             **_task_figures(events, plan, trained_mask),
-            "staleness_mean": float(applied_staleness.mean()),
-            "staleness_max": int(applied_staleness.max()),
+            "staleness_mean": float(applied_staleness.mean()) if len(applied_staleness) else float("nan"),
+            "staleness_max": int(applied_staleness.max()) if len(applied_staleness) else 0,
             "concurrency": step.in_flight,
         }
         self.last_step_time = step.time_s

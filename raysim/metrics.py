@@ -30,10 +30,11 @@ METRICS_SCHEMA = pa.schema(
         ("train_loss", pa.float64()),
         ("selected", pa.int64()),  # tasks that ended in this round / step
         ("updates_applied", pa.int64()),
-        ("updates_dropped", pa.int64()),  # late + lost + offline + skipped
+        ("updates_dropped", pa.int64()),  # late + lost + offline + skipped + rejected
         ("updates_late", pa.int64()),
         ("updates_lost", pa.int64()),
         ("updates_offline", pa.int64()),
+        ("updates_rejected", pa.int64()),  # refused by validation (non-finite, unknown base, anomaly filters)
         ("retransmissions", pa.int64()),
         ("trainings_skipped", pa.int64()),  # tasks that got the model but were never trained (dropped anyway)
         ("compute_saved_s", pa.float64()),  # their virtual compute time
@@ -60,6 +61,7 @@ EVENTS_SCHEMA = pa.schema(
         ("upload_s", pa.float64()),
         ("arrived_at", pa.float64()),
         ("outcome", pa.string()),
+        ("reason", pa.string()),  # rejected updates: non_finite | unknown_base | norm_outlier | cosine_outlier | too_few_valid
         ("staleness", pa.int64()),
         ("retransmissions", pa.int64()),
         ("num_samples", pa.int64()),
@@ -83,6 +85,7 @@ TB_BY_ROUND = {
     "updates_late": "updates_late",
     "updates_lost": "updates_lost",
     "updates_offline": "updates_offline",
+    "updates_rejected": "updates_rejected",
     "retransmissions": "retransmissions",
     "staleness_mean": "staleness_mean",
     "concurrency": "concurrency",
@@ -213,6 +216,7 @@ def summarize(metrics: pa.Table, target_accuracy: float | None = None) -> dict[s
         "updates_late": sum(columns["updates_late"]),
         "updates_lost": sum(columns["updates_lost"]),
         "updates_offline": sum(columns["updates_offline"]),
+        "updates_rejected": sum(columns["updates_rejected"]),
         "rounds_skipped": sum(status == "skipped" for status in columns["status"]),
         "trainings_skipped": sum(columns["trainings_skipped"]),
         "compute_saved_s": sum(columns["compute_saved_s"]),

@@ -30,7 +30,11 @@ from pydantic import (
 
 from raysim.errors import ScenarioError
 from raysim.models import MODELS
+from raysim.attacks import Attack
 from raysim.strategies import STRATEGIES
+from raysim.strategies.robust import AGGREGATORS
+from raysim.strategies.server_optimizers import SERVER_OPTIMIZERS
+from raysim.strategies.validation import Validation
 
 
 class Frozen(BaseModel):
@@ -192,6 +196,28 @@ class Fleet(Frozen):
 # --------------------------------------------------------------------------- training
 
 
+class LrSchedule(Frozen):
+    """Local learning rate by round (sync) or by the model version a task trains from (async).
+
+    constant: η_r = lr;  step: η_r = lr · gamma^floor((r − 1) / every);
+    cosine: η_r = min_lr + ½(lr − min_lr)(1 + cos(π (r − 1) / rounds)).
+    """
+
+    kind: Literal["constant", "step", "cosine"] = "constant"
+    gamma: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9  # step: factor per period
+    every: PositiveInt = 3  # step: rounds per period
+    min_lr: NonNegativeFloat = 0.0  # cosine: the rate it decays to
+
+    def at(self, lr: float, round_index: int, rounds: int) -> float:
+        """η for round (or model version + 1) ``round_index`` ≥ 1 of ``rounds``."""
+        done = max(round_index - 1, 0)
+        if self.kind == "step":
+            return lr * self.gamma ** (done // self.every)
+        if self.kind == "cosine":
+            return self.min_lr + 0.5 * (lr - self.min_lr) * (1.0 + math.cos(math.pi * min(done / rounds, 1.0)))
+        return lr
+
+
 class Training(Frozen):
     rounds: PositiveInt = 20
     local_epochs: PositiveInt = 1
@@ -199,6 +225,13 @@ class Training(Frozen):
     lr: PositiveFloat = 0.05
     weight_decay: NonNegativeFloat = 0.0
     momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0  # ρ of local SGD momentum (0 = plain SGD)
+    lr_schedule: LrSchedule = LrSchedule()
+
+    @model_validator(mode="after")
+    def _schedule_below_lr(self) -> "Training":
+        if self.lr_schedule.kind == "cosine" and self.lr_schedule.min_lr >= self.lr:
+            raise ValueError(f"lr_schedule.min_lr ({self.lr_schedule.min_lr:g}) must be below lr ({self.lr:g})")
+        return self
     vectorized: bool = True  # train an actor's cohort as one batched computation; False = per-sensor loop
 
 
@@ -228,16 +261,42 @@ class Stragglers(Frozen):
 
 
 class Aggregation(Frozen):
+    """How updates become the next global model: validate → clip → aggregate → server optimizer."""
+
     mode: Literal["sync", "async"] = "sync"
     strategy: STRATEGIES.config_union() = Field(default_factory=lambda: STRATEGIES.entry("fedavg").config())  # type: ignore[valid-type]
     cohort: PositiveInt = 100  # sync: sensors per round (async: concurrency is the strategy's)
     stragglers: Stragglers = Stragglers()
+    validation: Validation = Validation()
+    clip_norm: Optional[PositiveFloat] = None  # norm bounding: each update scaled to L2 norm ≤ clip_norm
+    aggregator: AGGREGATORS.config_union() = Field(default_factory=lambda: AGGREGATORS.entry("mean").config())  # type: ignore[valid-type]
+    server_optimizer: SERVER_OPTIMIZERS.config_union() = Field(  # type: ignore[valid-type]
+        default_factory=lambda: SERVER_OPTIMIZERS.entry("sgd").config())
 
     @model_validator(mode="before")
     @classmethod
     def _strategy_name(cls, raw: Any) -> Any:
         default = "fedbuff" if isinstance(raw, dict) and raw.get("mode") == "async" else "fedavg"
-        return _default_tag(raw, "strategy", "name", default)
+        raw = _default_tag(raw, "strategy", "name", default)
+        raw = _default_tag(raw, "aggregator", "name", "mean")
+        return _default_tag(raw, "server_optimizer", "name", "sgd")
+
+    @model_validator(mode="after")
+    def _aggregation_fits(self) -> "Aggregation":
+        updates_per_step = self.cohort if self.mode == "sync" else self.strategy.buffer_size if hasattr(
+            self.strategy, "buffer_size") else 1
+        if self.strategy.name == "fedasync" and (self.aggregator.name != "mean" or self.validation.filters):
+            raise ValueError("fedasync applies one update per server step: it takes aggregator mean and no "
+                             "validation filters (use fedbuff to aggregate robustly)")
+        needed = AGGREGATORS.build(self.aggregator).min_updates()
+        if updates_per_step < needed:
+            what = "aggregation.cohort" if self.mode == "sync" else "aggregation.strategy.buffer_size"
+            raise ValueError(f"aggregator {self.aggregator.name} needs at least {needed} updates per step with "
+                             f"these settings; {what} is {updates_per_step}")
+        if self.server_optimizer.name != "sgd" and getattr(self.strategy, "server_lr", 1.0) != 1.0:
+            raise ValueError(f"set the server learning rate in server_optimizer.lr, not strategy.server_lr, "
+                             f"when using server optimizer {self.server_optimizer.name}")
+        return self
 
     @model_validator(mode="after")
     def _strategy_fits_mode(self) -> "Aggregation":
@@ -280,6 +339,7 @@ class Scenario(Frozen):
     model: MODELS.config_union() = Field(default_factory=lambda: MODELS.entry("mlp").config())  # type: ignore[valid-type]
     training: Training = Training()
     aggregation: Aggregation = Aggregation()
+    attack: Optional[Attack] = None  # a seeded share of the fleet is malicious
     cluster: ClusterSection = ClusterSection()
     logging: Logging = Logging()
 

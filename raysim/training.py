@@ -1,11 +1,20 @@
 """Local SGD for a cohort of sensors that share a model and hyperparameters.
 
-Every sensor starts from the same global weights w₀ and runs plain minibatch
-SGD with L2 weight decay (no momentum) over its own batch plan:
+Every sensor starts from its start weights w₀ (the global model it was sent)
+and runs minibatch SGD over its own batch plan. One step on batch b is
+(:func:`local_step`):
 
-    w ← w − lr · (∇L_b(w) + weight_decay · w),   L_b = mean cross-entropy over batch b
+    g ← ∇L_b(w) + λ·w + μ·(w − w₀) + c_corr
+    m ← ρ·m + g                           (m = 0 before the first step; skipped when ρ = 0)
+    w ← w − η_s · m                       (or η_s · g when ρ = 0)
 
-and reports its update Δ = w_final − w₀. Two implementations compute it:
+with L_b the mean cross-entropy over batch b, λ the weight decay, μ the
+FedProx proximal weight (Li et al., MLSys 2020), c_corr = c − c_i the
+SCAFFOLD drift correction (Karimireddy et al., ICML 2020), ρ the momentum
+(PyTorch-SGD style, no dampening) and η_s the sensor's own learning rate.
+μ = 0, c_corr = 0, ρ = 0 is plain SGD with weight decay. Each sensor reports
+its update Δ = w_final − w₀; :func:`scaffold_control_update` turns it into
+the sensor's next SCAFFOLD control variate. Two implementations compute Δ:
 
 - :func:`train_reference`, a per-sensor loop over an ordinary module with
   autograd: the oracle;
@@ -39,8 +48,10 @@ class LocalTraining:
 
     epochs: int  # E: passes over the sensor's data
     batch_size: int | None  # B: samples per step; None = one full batch of all the sensor's samples
-    lr: float  # η
+    lr: float  # η: the default of every sensor's η_s
     weight_decay: float = 0.0  # λ: w ← w − η(∇L + λw)
+    momentum: float = 0.0  # ρ: m ← ρm + g, w ← w − η m; 0 = plain SGD
+    prox_mu: float = 0.0  # μ: FedProx term μ/2·‖w − w₀‖² added to the loss; 0 = none
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -51,16 +62,26 @@ class LocalTraining:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if not self.weight_decay >= 0:
             raise ValueError(f"weight_decay must be non-negative, got {self.weight_decay}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not self.prox_mu >= 0:
+            raise ValueError(f"prox_mu must be non-negative, got {self.prox_mu}")
 
     @classmethod
     def from_scenario(cls, training: Any) -> LocalTraining:
-        """From the scenario's ``training:`` section (``batch_size: full`` becomes None)."""
+        """From the scenario's ``training:`` section (``batch_size: full`` becomes None).
+
+        ``prox_mu`` belongs to the aggregation strategy: the caller sets it
+        with ``dataclasses.replace``.
+        """
         batch_size = None if training.batch_size == "full" else int(training.batch_size)
         return cls(
             epochs=int(training.local_epochs),
             batch_size=batch_size,
             lr=float(training.lr),
             weight_decay=float(training.weight_decay),
+            momentum=float(getattr(training, "momentum", 0.0)),
+            prox_mu=float(getattr(training, "prox_mu", 0.0)),
         )
 
     def plan(self, num_samples: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -100,6 +121,79 @@ class TrainResult:
     steps: np.ndarray  # int64 (S,): SGD steps taken
 
 
+def local_step(
+    weights: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    lr: torch.Tensor,
+    cfg: LocalTraining,
+    *,
+    start: Sequence[torch.Tensor] | None = None,
+    correction: Sequence[torch.Tensor] | None = None,
+    momentum: Sequence[torch.Tensor] | None = None,
+) -> None:
+    """One local SGD step, in place: the rule of the module docstring.
+
+        g ← ∇L_b(w) + λ·w + μ·(w − w₀) + c_corr,   m ← ρ·m + g,   w ← w − η_s · m
+
+    Each sequence holds one tensor per parameter tensor, aligned: ``weights``
+    (updated), ``grads`` (∇L_b; overwritten, used as scratch), ``start`` (w₀;
+    needed when μ > 0), ``correction`` (c_corr = c − c_i of SCAFFOLD option II,
+    Karimireddy et al., ICML 2020; None = 0) and ``momentum`` (m, updated;
+    needed when ρ > 0). They may stack S sensors along dim 0, with ``lr`` of
+    shape (S,) giving each its η_s, or hold one sensor with a 0-dim ``lr``.
+    """
+    if cfg.prox_mu and start is None:
+        raise ValueError("a proximal term (prox_mu > 0) needs the start weights")
+    if cfg.momentum and momentum is None:
+        raise ValueError("momentum > 0 needs momentum buffers")
+    for k, (w, g) in enumerate(zip(weights, grads)):
+        if cfg.weight_decay:
+            g.add_(w * cfg.weight_decay)  # λ·w rounded on its own, so plain SGD keeps its exact results
+        if cfg.prox_mu:
+            g.add_(w, alpha=cfg.prox_mu).sub_(start[k], alpha=cfg.prox_mu)  # μ·(w − w₀) without a temporary
+        if correction is not None:
+            g.add_(correction[k])
+        rate = lr.reshape(lr.shape + (1,) * (g.dim() - lr.dim()))
+        if cfg.momentum:
+            torch.mul(momentum[k].mul_(cfg.momentum).add_(g), rate, out=g)
+        else:
+            g.mul_(rate)
+        w.sub_(g)
+
+
+def scaffold_control_update(
+    c_local: np.ndarray, c_global: np.ndarray, update: np.ndarray, steps: np.ndarray, lr: np.ndarray
+) -> np.ndarray:
+    """Sensors' next control variates, SCAFFOLD option II (Karimireddy et al., ICML 2020, Alg. 1):
+
+        c_i⁺ = c_i − c + (x − y_i)/(K_i·η_i) = c_i − c − Δ_i/(K_i·η_i)
+
+    ``c_local`` (S, d) holds the c_i, ``c_global`` (d,) the server's c,
+    ``update`` (S, d) each Δ_i = y_i − x after ``steps`` (S,) K_i local steps
+    of rate ``lr`` (S,) η_i. A sensor that took no step keeps its c_i. The
+    result has the dtype of the inputs (float32 for float32 ones).
+    """
+    c_local, c_global, update = np.asarray(c_local), np.asarray(c_global), np.asarray(update)
+    num_sensors = len(c_local)
+    steps = np.asarray(steps)
+    lr = np.asarray(lr, dtype=np.float64)
+    if c_local.ndim != 2 or update.shape != c_local.shape or c_global.shape != c_local.shape[1:]:
+        raise ValueError(
+            f"expected c_local and update of one shape (S, d) and c_global (d,), "
+            f"got {c_local.shape}, {update.shape} and {c_global.shape}"
+        )
+    if steps.shape != (num_sensors,) or lr.shape != (num_sensors,):
+        raise ValueError(f"expected steps and lr of shape ({num_sensors},), got {steps.shape} and {lr.shape}")
+    if (steps < 0).any() or not (lr > 0).all():
+        raise ValueError("steps must be non-negative and lr positive")
+    dtype = np.result_type(c_local, c_global, update)
+    trained = steps > 0
+    new = c_local.astype(dtype, copy=True)
+    inv_step = (1.0 / (steps[trained] * lr[trained])).astype(dtype)
+    new[trained] = c_local[trained] - c_global - update[trained] * inv_step[:, None]
+    return new
+
+
 def _tensor(array: Any, dtype: torch.dtype) -> torch.Tensor:
     """``torch.as_tensor``, copying read-only numpy arrays (Ray hands those out)
     instead of wrapping them, which torch warns about."""
@@ -109,8 +203,16 @@ def _tensor(array: Any, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _check_cohort(
-    layout: ParamLayout, global_flat: np.ndarray, datasets: Sequence[Dataset], plans: Sequence[Plan]
-) -> np.ndarray:
+    layout: ParamLayout,
+    global_flat: np.ndarray,
+    datasets: Sequence[Dataset],
+    plans: Sequence[Plan],
+    cfg: LocalTraining,
+    lr: np.ndarray | None,
+    correction: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The start weights as a private (S, d) float32 array, each sensor's η_s
+    (S,) and the SCAFFOLD correction (S, d) float32 or None, checked."""
     global_flat = np.array(global_flat, dtype=np.float32)  # a private, writable copy
     if global_flat.shape == (layout.size,):
         global_flat = np.broadcast_to(global_flat, (len(datasets), layout.size))
@@ -130,7 +232,15 @@ def _check_cohort(
         flat_plan = np.concatenate(plan)
         if flat_plan.min() < 0 or flat_plan.max() >= len(x):
             raise ValueError(f"sensor {i}: the batch plan indexes outside its {len(x)} samples")
-    return global_flat
+    num_sensors = len(datasets)
+    lr = np.full(num_sensors, cfg.lr) if lr is None else np.asarray(lr, dtype=np.float64)
+    if lr.shape != (num_sensors,) or not (np.isfinite(lr) & (lr > 0)).all():
+        raise ValueError(f"lr must hold one positive, finite rate per sensor, shape ({num_sensors},); got {lr.shape}")
+    if correction is not None:
+        correction = np.asarray(correction, dtype=np.float32)
+        if correction.shape != (num_sensors, layout.size):
+            raise ValueError(f"correction must have shape ({num_sensors}, {layout.size}), got {correction.shape}")
+    return global_flat, lr, correction
 
 
 def _mean_loss(loss_sum: np.ndarray, steps: np.ndarray) -> np.ndarray:
@@ -145,12 +255,15 @@ def train_reference(
     datasets: Sequence[Dataset],
     plans: Sequence[Plan],
     cfg: LocalTraining,
+    *,
+    lr: np.ndarray | None = None,  # (S,) each sensor's η_s; None = cfg.lr for all
+    correction: np.ndarray | None = None,  # (S, d) SCAFFOLD c − c_i added to every step's gradient; None = 0
 ) -> TrainResult:
     """Train each sensor in turn on ``model`` with ordinary autograd (the oracle).
 
     ``model`` is scratch space: its parameters are overwritten.
     """
-    global_flat = _check_cohort(layout, global_flat, datasets, plans)
+    global_flat, lr, correction = _check_cohort(layout, global_flat, datasets, plans, cfg, lr, correction)
     params = [p for _, p in model.named_parameters()]
     num_sensors = len(datasets)
     updates = np.zeros((num_sensors, layout.size), dtype=np.float32)
@@ -160,13 +273,16 @@ def train_reference(
         x_t = _tensor(x, torch.float32)
         y_t = _tensor(y, torch.int64)
         layout.load_into(model, global_flat[i])
+        rate = torch.tensor(lr[i], dtype=torch.float32)
+        start = [p.detach().clone() for p in params] if cfg.prox_mu else None
+        momentum = [torch.zeros_like(p) for p in params] if cfg.momentum else None
+        drift = None if correction is None else list(layout.split(_tensor(correction[i], torch.float32)).values())
         for idx in plan:
             idx_t = torch.as_tensor(idx, dtype=torch.int64)
             loss = F.cross_entropy(model(x_t[idx_t]), y_t[idx_t])
             grads = torch.autograd.grad(loss, params)
             with torch.no_grad():
-                for p, g in zip(params, grads):
-                    p.sub_(cfg.lr * (g + cfg.weight_decay * p))
+                local_step(params, grads, rate, cfg, start=start, correction=drift, momentum=momentum)
             loss_sum[i] += loss.item()
         updates[i] = layout.flatten(model) - global_flat[i]
     return TrainResult(updates, _mean_loss(loss_sum, steps), steps)
@@ -179,6 +295,9 @@ def train_vectorized(
     datasets: Sequence[Dataset],
     plans: Sequence[Plan],
     cfg: LocalTraining,
+    *,
+    lr: np.ndarray | None = None,  # (S,) each sensor's η_s; None = cfg.lr for all
+    correction: np.ndarray | None = None,  # (S, d) SCAFFOLD c − c_i added to every step's gradient; None = 0
 ) -> TrainResult:
     """Train the whole cohort at once: one batched forward/backward per SGD step.
 
@@ -188,10 +307,12 @@ def train_vectorized(
     common width with a mask; a sensor's loss is the mean over its real rows
     only, which is exactly the reference's batch loss. The cohort's samples
     are concatenated once into one (Σn, C, T) tensor (no padding to the
-    largest sensor), so a step's gather is one ``index_select``.
+    largest sensor), so a step's gather is one ``index_select``. The per-sensor
+    state of :func:`local_step` (start weights w₀, η_s, c_corr, momentum m) is
+    stacked in the same sorted order, so step s slices the same prefix of each.
     ``model`` only supplies the architecture (``functional_call``); it is not modified.
     """
-    global_flat = _check_cohort(layout, global_flat, datasets, plans)
+    global_flat, lr, correction = _check_cohort(layout, global_flat, datasets, plans, cfg, lr, correction)
     num_sensors = len(datasets)
     steps = np.array([len(plan) for plan in plans], dtype=np.int64)
     updates = np.zeros((num_sensors, layout.size), dtype=np.float32)
@@ -219,7 +340,17 @@ def train_vectorized(
     # backward of slicing a flat row would materialise a zero (S, d) tensor
     # per parameter tensor.
     cohort_step = _batched_step(model) or vmap(grad_and_value(batch_loss))
-    weights = torch.from_numpy(global_flat[active])  # fancy indexing copies: private to this call
+    # Row r of every stacked state is sensor active[r]; fancy indexing copies, so all are private to this call.
+    weights = torch.from_numpy(global_flat[active])
+    start = weights.clone() if cfg.prox_mu else None  # the proximal anchor w₀, kept only when used
+    rates = torch.from_numpy(lr[active].astype(np.float32))
+    drift = None if correction is None else torch.from_numpy(correction[active])
+    momentum = torch.zeros_like(weights) if cfg.momentum else None
+
+    def prefix(stacked: torch.Tensor | None, width: int) -> list[torch.Tensor] | None:
+        """Per-parameter views of the first ``width`` sensors' rows."""
+        return None if stacked is None else list(layout.split(stacked[:width]).values())
+
     step_losses = torch.zeros(len(active), dtype=torch.float64)
     active_steps = steps[active]
     for s in range(int(active_steps[0])):
@@ -237,12 +368,15 @@ def train_vectorized(
         params = layout.split(weights[:width])  # views into the stacked weights
         grads, losses = cohort_step(params, x_b, y_b, torch.from_numpy(mask))
         with torch.no_grad():
-            # In place on the views (no (S, d) temporaries): w ← w − lr·(g + wd·w).
-            for name, p in params.items():
-                g = grads[name]
-                if cfg.weight_decay:
-                    g.add_(p, alpha=cfg.weight_decay)
-                p.add_(g, alpha=-cfg.lr)
+            local_step(
+                list(params.values()),
+                [grads[name] for name in params],
+                rates[:width],
+                cfg,
+                start=prefix(start, width),
+                correction=prefix(drift, width),
+                momentum=prefix(momentum, width),
+            )
         step_losses[:width] += losses.to(torch.float64)
 
     updates[active] = weights.sub_(torch.from_numpy(global_flat[active])).numpy()

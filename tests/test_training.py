@@ -1,7 +1,9 @@
 """Local SGD: the vectorized cohort path agrees with the per-sensor reference,
 and both agree with plain autograd on a freshly built module."""
 
+import dataclasses
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,6 +18,8 @@ from raysim.training import (
     TrainResult,
     batch_plan,
     evaluate,
+    local_step,
+    scaffold_control_update,
     train_reference,
     train_vectorized,
 )
@@ -78,10 +82,26 @@ def test_batch_plan_rejects_bad_arguments(args):
 def test_local_training_from_scenario():
     cfg = LocalTraining.from_scenario(Training(local_epochs=3, batch_size=8, lr=0.1, weight_decay=0.01))
     assert cfg == LocalTraining(epochs=3, batch_size=8, lr=0.1, weight_decay=0.01)
+    assert cfg.momentum == 0.0 and cfg.prox_mu == 0.0
     assert LocalTraining.from_scenario(Training(batch_size="full")).batch_size is None
+    section = SimpleNamespace(local_epochs=1, batch_size=4, lr=0.1, weight_decay=0.0, momentum=0.9, prox_mu=0.5)
+    assert LocalTraining.from_scenario(section) == LocalTraining(1, 4, 0.1, momentum=0.9, prox_mu=0.5)
 
 
-@pytest.mark.parametrize("kwargs", [dict(epochs=0), dict(batch_size=0), dict(lr=0.0), dict(weight_decay=-1.0)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(epochs=0),
+        dict(batch_size=0),
+        dict(lr=0.0),
+        dict(weight_decay=-1.0),
+        dict(momentum=-0.1),
+        dict(momentum=1.0),
+        dict(momentum=float("nan")),
+        dict(prox_mu=-0.5),
+        dict(prox_mu=float("nan")),
+    ],
+)
 def test_local_training_rejects_bad_values(kwargs):
     with pytest.raises(ValueError):
         LocalTraining(**{**dict(epochs=1, batch_size=4, lr=0.1), **kwargs})
@@ -323,8 +343,9 @@ class _WithoutBatchedForward(nn.Module):
         return self.inner(x)
 
 
+@pytest.mark.parametrize("drift", [False, True], ids=["plain", "drift"])
 @pytest.mark.parametrize("config", [MLPConfig(hidden=(8,)), DSCNNConfig(channels=(4,), kernel_size=3)])
-def test_vmap_fallback_matches_reference(config):
+def test_vmap_fallback_matches_reference(config, drift):
     model = _WithoutBatchedForward(build_model(config, 3, 10, 4))
     assert not hasattr(model, "forward_batched")
     layout = ParamLayout.of(model)
@@ -332,9 +353,13 @@ def test_vmap_fallback_matches_reference(config):
     rng = np.random.default_rng(2)
     datasets = [(rng.normal(size=(n, 3, 10)).astype(np.float32), rng.integers(0, 4, n)) for n in (3, 11, 6)]
     cfg = LocalTraining(epochs=2, batch_size=4, lr=0.1, weight_decay=0.01)
+    kwargs = {}
+    if drift:  # FedProx, momentum, per-sensor rates and a SCAFFOLD correction through the vmap path too
+        cfg = dataclasses.replace(cfg, momentum=0.8, prox_mu=0.3)
+        kwargs = dict(lr=np.array([0.05, 0.1, 0.2]), correction=0.1 * rng.standard_normal((3, layout.size)).astype(np.float32))
     plans = [batch_plan(len(y), 2, 4, np.random.default_rng(i)) for i, (_, y) in enumerate(datasets)]
-    fast = train_vectorized(model, layout, start, datasets, plans, cfg)
-    slow = train_reference(model, layout, start, datasets, plans, cfg)
+    fast = train_vectorized(model, layout, start, datasets, plans, cfg, **kwargs)
+    slow = train_reference(model, layout, start, datasets, plans, cfg, **kwargs)
     np.testing.assert_allclose(fast.updates, slow.updates, atol=1e-5)
     np.testing.assert_allclose(fast.train_loss, slow.train_loss, rtol=1e-5)
 
@@ -350,3 +375,211 @@ def test_forward_batched_equals_each_models_own_forward(config):
         layout.load_into(model, stacked[s].numpy())
         with torch.no_grad():
             np.testing.assert_allclose(batched[s].detach().numpy(), model(x[s]).numpy(), rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- FedProx, SCAFFOLD, momentum, per-sensor rates
+
+
+DRIFT_TERMS = {
+    "prox": dict(prox_mu=0.5),
+    "momentum": dict(momentum=0.9),
+    "lr": dict(lr=True),
+    "correction": dict(correction=True),
+    "all": dict(prox_mu=0.5, momentum=0.9, lr=True, correction=True),
+}
+
+
+def drift_arguments(terms, cfg, num_sensors, size, seed=0):
+    """The LocalTraining and the lr / correction keywords of one DRIFT_TERMS entry."""
+    rng = np.random.default_rng([seed, 99])
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in terms.items() if k in ("prox_mu", "momentum")})
+    kwargs = {}
+    if terms.get("lr"):
+        kwargs["lr"] = rng.uniform(0.05, 0.3, num_sensors)
+    if terms.get("correction"):
+        kwargs["correction"] = (0.05 * rng.standard_normal((num_sensors, size))).astype(np.float32)
+    return cfg, kwargs
+
+
+@pytest.mark.parametrize("config", [MLP, DSCNN], ids=["mlp", "dscnn"])
+@pytest.mark.parametrize("terms", DRIFT_TERMS.values(), ids=DRIFT_TERMS.keys())
+def test_vectorized_matches_reference_with_drift_terms(config, terms):
+    """Unsorted step counts and one start per sensor: the vectorized path must pair each
+    sensor's rate, correction, anchor w₀ and momentum buffer with its own weights."""
+    counts = [7, 1, 23, 4, 12, 5, 16, 2]
+    datasets = make_cohort(counts, seed=3)
+    model, layout, w0 = setup(config, seed=1)
+    starts = w0 + 0.05 * np.random.default_rng(5).standard_normal((len(counts), layout.size)).astype(np.float32)
+    cfg, kwargs = drift_arguments(terms, LocalTraining(epochs=2, batch_size=5, lr=0.2, weight_decay=0.01), len(counts), layout.size)
+    plans = make_plans(datasets, cfg, seed=4)
+
+    ref = train_reference(model, layout, starts, datasets, plans, cfg, **kwargs)
+    vec = train_vectorized(model, layout, starts, datasets, plans, cfg, **kwargs)
+    plain = train_reference(model, layout, starts, datasets, plans, LocalTraining(epochs=2, batch_size=5, lr=0.2, weight_decay=0.01))
+
+    assert vec.updates.dtype == np.float32 and vec.updates.shape == (len(counts), layout.size)
+    assert np.abs(ref.updates - plain.updates).max(axis=1).min() > 1e-4  # the terms changed every sensor's update
+    np.testing.assert_allclose(vec.updates, ref.updates, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(vec.train_loss, ref.train_loss, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(vec.steps, ref.steps)
+
+
+@pytest.mark.parametrize("train", [train_reference, train_vectorized])
+@pytest.mark.parametrize("config", [MLP, DSCNN], ids=["mlp", "dscnn"])
+def test_drift_terms_equal_torch_sgd_on_the_proximal_objective(train, config):
+    """Oracle: torch.optim.SGD (momentum ρ, weight decay λ) on
+    L_b(w) + μ/2·‖w − w₀‖² + ⟨c_corr, w⟩, whose gradient adds μ(w − w₀) + c_corr."""
+    [(x, y)] = make_cohort([11], seed=2)
+    model, layout, w0 = setup(config, seed=3)
+    mu, rho, wd, lr = 0.7, 0.8, 0.02, 0.15
+    correction = (0.1 * np.random.default_rng(1).standard_normal(layout.size)).astype(np.float32)
+    plan = [np.array([3, 0, 9, 4]), np.array([1, 10, 2, 8]), np.array([5, 7, 6]), np.array([2, 0, 10, 1])]
+
+    module = build_model(config, CHANNELS, WINDOW, CLASSES, seed=3)
+    anchors = [p.detach().clone() for p in module.parameters()]
+    corrections = [c.detach() for c in layout.split(torch.from_numpy(correction)).values()]
+    optimizer = torch.optim.SGD(module.parameters(), lr=lr, momentum=rho, weight_decay=wd)
+    for idx in plan:
+        objective = F.cross_entropy(module(torch.from_numpy(x[idx])), torch.from_numpy(y[idx]))
+        for p, anchor, c in zip(module.parameters(), anchors, corrections):
+            objective = objective + mu / 2 * (p - anchor).square().sum() + (c * p).sum()
+        optimizer.zero_grad()
+        objective.backward()
+        optimizer.step()
+    expected = torch.cat([p.detach().reshape(-1) for p in module.parameters()]).numpy() - w0
+
+    cfg = LocalTraining(epochs=1, batch_size=4, lr=0.9, weight_decay=wd, momentum=rho, prox_mu=mu)  # lr overridden below
+    result = train(model, layout, w0, [(x, y)], [plan], cfg, lr=np.array([lr]), correction=correction[None])
+    assert np.abs(expected).max() > 1e-3
+    np.testing.assert_allclose(result.updates[0], expected, rtol=1e-4, atol=1e-6)
+
+
+def old_reference_update(model, layout, w0, x, y, plan, lr, weight_decay):
+    """The reference step as it was before the drift terms existed, replayed by hand."""
+    layout.load_into(model, w0)
+    params = list(model.parameters())
+    for idx in plan:
+        loss = F.cross_entropy(model(torch.from_numpy(x[idx])), torch.from_numpy(y[idx]))
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p.sub_(lr * (g + weight_decay * p))
+    return layout.flatten(model) - w0
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_without_drift_terms_the_reference_is_plain_sgd_bit_for_bit(weight_decay):
+    datasets = make_cohort([9, 14], seed=6)
+    model, layout, w0 = setup(MLP, seed=4)
+    cfg = LocalTraining(epochs=2, batch_size=4, lr=0.2, weight_decay=weight_decay, momentum=0.0, prox_mu=0.0)
+    plans = make_plans(datasets, cfg)
+    explicit = dict(lr=np.full(2, 0.2), correction=np.zeros((2, layout.size), dtype=np.float32))
+    for kwargs in ({}, explicit):
+        result = train_reference(model, layout, w0, datasets, plans, cfg, **kwargs)
+        for i, (x, y) in enumerate(datasets):
+            expected = old_reference_update(build_model(MLP, CHANNELS, WINDOW, CLASSES), layout, w0, x, y, plans[i], 0.2, weight_decay)
+            np.testing.assert_array_equal(result.updates[i], expected)
+
+
+@pytest.mark.parametrize("train", [train_reference, train_vectorized])
+def test_a_large_proximal_term_keeps_updates_near_the_start(train):
+    datasets = make_cohort([12, 20, 7], seed=1)
+    model, layout, w0 = setup(MLP, seed=2)
+    cfg = LocalTraining(epochs=4, batch_size=4, lr=0.1)
+    plans = make_plans(datasets, cfg)
+    free = train(model, layout, w0, datasets, plans, cfg)
+    pulled = train(model, layout, w0, datasets, plans, dataclasses.replace(cfg, prox_mu=5.0))
+    free_norm = np.linalg.norm(free.updates, axis=1)
+    pulled_norm = np.linalg.norm(pulled.updates, axis=1)
+    assert (pulled_norm > 0).all() and (pulled_norm < 0.75 * free_norm).all()
+    zero_mu = train(model, layout, w0, datasets, plans, dataclasses.replace(cfg, prox_mu=0.0))
+    np.testing.assert_array_equal(zero_mu.updates, free.updates)
+
+
+@pytest.mark.parametrize("train", [train_reference, train_vectorized])
+@pytest.mark.parametrize("terms", [{}, dict(momentum=0.9, prox_mu=0.2)], ids=["sgd", "momentum+prox"])
+def test_a_sensors_own_lr_equals_training_it_alone_with_that_lr(train, terms):
+    counts = [5, 13, 8, 3]
+    datasets = make_cohort(counts, seed=4)
+    model, layout, w0 = setup(MLP, seed=1)
+    cfg = LocalTraining(epochs=2, batch_size=3, lr=0.1, weight_decay=0.01, **terms)
+    plans = make_plans(datasets, cfg, seed=2)
+    rates = np.array([0.03, 0.25, 0.1, 0.4])
+    together = train(model, layout, w0, datasets, plans, cfg, lr=rates)
+    for i, rate in enumerate(rates):
+        alone = train(model, layout, w0, [datasets[i]], [plans[i]], dataclasses.replace(cfg, lr=float(rate)))
+        np.testing.assert_allclose(together.updates[i], alone.updates[0], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(together.train_loss[i], alone.train_loss[0], rtol=1e-7)
+    same = train(model, layout, w0, datasets, plans, cfg)
+    assert not np.allclose(together.updates[1], same.updates[1], atol=1e-4)
+
+
+@pytest.mark.parametrize("train", [train_reference, train_vectorized])
+def test_bad_per_sensor_arguments_are_refused(train):
+    datasets = make_cohort([4, 4])
+    model, layout, w0 = setup(MLP)
+    cfg = LocalTraining(epochs=1, batch_size=2, lr=0.1)
+    plans = make_plans(datasets, cfg)
+    for lr in (np.array([0.1]), np.array([0.1, 0.0]), np.array([0.1, np.nan])):
+        with pytest.raises(ValueError):
+            train(model, layout, w0, datasets, plans, cfg, lr=lr)
+    with pytest.raises(ValueError):
+        train(model, layout, w0, datasets, plans, cfg, correction=np.zeros((2, layout.size - 1), dtype=np.float32))
+
+
+def test_scaffold_control_update_follows_option_two():
+    """c_i⁺ = c_i − c − Δ_i/(K_i·η_i), worked by hand; a sensor without steps keeps c_i."""
+    c_local = np.array([[1.0, -2.0], [0.5, 0.5], [3.0, 1.0]], dtype=np.float32)
+    c_global = np.array([0.5, 1.0], dtype=np.float32)
+    update = np.array([[-2.0, 4.0], [1.0, -1.0], [7.0, 7.0]], dtype=np.float32)
+    steps = np.array([4, 10, 0])
+    lr = np.array([0.25, 0.05, 0.1])
+    new = scaffold_control_update(c_local, c_global, update, steps, lr)
+    assert new.dtype == np.float32
+    expected = [[1.0 - 0.5 + 2.0, -2.0 - 1.0 - 4.0], [0.5 - 0.5 - 2.0, 0.5 - 1.0 + 2.0], [3.0, 1.0]]
+    np.testing.assert_allclose(new, expected, rtol=1e-6)
+    np.testing.assert_array_equal(c_local[2], [3.0, 1.0])  # the input is not modified
+    with pytest.raises(ValueError):
+        scaffold_control_update(c_local, c_global, update[:2], steps, lr)
+    with pytest.raises(ValueError):
+        scaffold_control_update(c_local, c_global, update, steps, np.array([0.1, 0.0, 0.1]))
+
+
+def test_scaffold_reaches_the_optimum_that_fedavg_misses_on_heterogeneous_quadratics():
+    """Sensors i minimise f_i(w) = ½‖A_i w − b_i‖² by K local steps of :func:`local_step`
+    from x, with exact gradients and full participation. FedAvg (x ← x + mean Δ_i) drifts
+    to a fixed point away from w* = argmin Σ f_i; SCAFFOLD (Karimireddy et al. 2020,
+    option II: c_corr = c − c_i, c ← c + mean(c_i⁺ − c_i)) converges to w*."""
+    num_sensors, rows, dim, local_steps, rounds = 10, 8, 5, 10, 400
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((num_sensors, rows, dim)) * rng.uniform(0.3, 1.5, (num_sensors, 1, 1))
+    b = rng.standard_normal((num_sensors, rows)) + rng.uniform(-3, 3, (num_sensors, 1))
+    w_star = np.linalg.lstsq(a.reshape(-1, dim), b.reshape(-1), rcond=None)[0]  # Σ f_i = ½‖A w − b‖², A the stacked A_i
+    lr = np.full(num_sensors, 0.3 / np.linalg.eigvalsh(np.einsum("srd,sre->sde", a, a)).max())
+    a_t, b_t, lr_t = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(lr)
+    cfg = LocalTraining(epochs=1, batch_size=None, lr=float(lr[0]))
+
+    def run(scaffold):
+        x = np.zeros(dim)
+        c_global, c_local = np.zeros(dim), np.zeros((num_sensors, dim))
+        for _ in range(rounds):
+            w = torch.from_numpy(np.tile(x, (num_sensors, 1)))
+            correction = [torch.from_numpy(c_global - c_local)] if scaffold else None
+            for _ in range(local_steps):
+                residual = torch.einsum("srd,sd->sr", a_t, w) - b_t
+                grad = torch.einsum("srd,sr->sd", a_t, residual)  # A_iᵀ(A_i w − b_i)
+                local_step([w], [grad], lr_t, cfg, correction=correction)
+            delta = w.numpy() - x
+            if scaffold:
+                c_new = scaffold_control_update(c_local, c_global, delta, np.full(num_sensors, local_steps), lr)
+                c_global = c_global + (c_new - c_local).mean(axis=0)
+                c_local = c_new
+            previous, x = x, x + delta.mean(axis=0)
+        return x, np.linalg.norm(x - previous)
+
+    fedavg, fedavg_last_move = run(scaffold=False)
+    scaffold, _ = run(scaffold=True)
+    scale = np.linalg.norm(w_star)
+    assert fedavg_last_move < 1e-10 * scale  # FedAvg has converged ...
+    assert np.linalg.norm(fedavg - w_star) > 1e-2 * scale  # ... to the wrong point
+    assert np.linalg.norm(scaffold - w_star) < 1e-6 * scale

@@ -125,7 +125,13 @@ class FedAvg:
 
 STRATEGIES.register("fedavg", FedAvgConfig)(FedAvg)
 
+
+def client_settings(config: BaseModel) -> dict[str, float]:
+    """What the client actors need to know of the strategy ``config`` names (see :meth:`Strategy.client`)."""
+    return STRATEGIES.build(config, ServerContext()).client()
+
 # Register FedProx, SCAFFOLD, FedNova, FedBuff and FedAsync (imported for that side effect, after the registry exists).
 from raysim.strategies import asynchronous, drift  # noqa: E402,F401
 
-__all__ = ["STRATEGIES", "Combine", "FedAvg", "FedAvgConfig", "ServerContext", "Strategy", "UpdateBatch", "weighted_mean"]
+__all__ = ["STRATEGIES", "Combine", "FedAvg", "FedAvgConfig", "ServerContext", "Strategy", "UpdateBatch",
+           "client_settings", "weighted_mean"]
