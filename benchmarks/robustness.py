@@ -3,8 +3,9 @@
 Runs scenarios/robust_sign_flip.yaml without the attack (FedAvg, the clean
 reference) and with it under plain FedAvg, the coordinate-wise median, the
 trimmed mean, Multi-Krum and Bulyan, in one Ray instance, and reports each
-run's final and best test accuracy and its gap to the clean run. Runs are
-deterministic, so one of each suffices.
+run's final and best test accuracy and its gap to the clean run; all of it at
+the scenario's mild label skew (Dirichlet α = 5) and at a strong one (α = 0.5).
+Runs are deterministic, so one of each suffices.
 
     .venv/bin/python benchmarks/robustness.py [--rounds 30] [--out benchmarks/results/robustness.json]
 """
@@ -35,6 +36,7 @@ VARIANTS = {
     "attacked, Multi-Krum f = 10, m = 40": ["aggregation.aggregator={name: krum, num_byzantine: 10, num_selected: 40}"],
     "attacked, Bulyan f = 10": ["aggregation.aggregator={name: bulyan, num_byzantine: 10}"],
 }
+SKEWS = {"α = 5": [], "α = 0.5": ["fleet.data.label_alpha=0.5"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,37 +46,41 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
-    results = {}
+    results: dict[str, dict[str, dict]] = {skew: {} for skew in SKEWS}
     with tempfile.TemporaryDirectory() as scratch:
-        for index, (label, overrides) in enumerate(VARIANTS.items()):
-            extra = ["logging.progress=false", *overrides]
-            if args.rounds:
-                extra.append(f"training.rounds={args.rounds}")
-            scenario = raysim.load_scenario(SCENARIO, extra)
-            started = time.perf_counter()
-            summary = raysim.run(scenario, out_dir=Path(scratch) / f"run-{index}").summary
-            results[label] = {
-                "final_accuracy": summary.get("final_accuracy"),
-                "best_accuracy": summary.get("best_accuracy"),
-                "round_to_target": summary.get("round_to_target"),
-                "updates_applied": summary["updates_applied"],
-                "wall_s": time.perf_counter() - started,
-            }
-            print(f"{label:38s} done in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+        for skew, skew_overrides in SKEWS.items():
+            for label, overrides in VARIANTS.items():
+                extra = ["logging.progress=false", *skew_overrides, *overrides]
+                if args.rounds:
+                    extra.append(f"training.rounds={args.rounds}")
+                scenario = raysim.load_scenario(SCENARIO, extra)
+                started = time.perf_counter()
+                run_dir = Path(scratch) / f"run-{len(results[skew])}-{skew_overrides}"
+                summary = raysim.run(scenario, out_dir=run_dir).summary
+                results[skew][label] = {
+                    "final_accuracy": summary.get("final_accuracy"),
+                    "best_accuracy": summary.get("best_accuracy"),
+                    "updates_applied": summary["updates_applied"],
+                    "wall_s": time.perf_counter() - started,
+                }
+                print(f"{skew:8s} {label:38s} done in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     ray.shutdown()
-    clean = results["clean, FedAvg"]["final_accuracy"]
-    for r in results.values():
-        r["gap_to_clean"] = clean - r["final_accuracy"]
+    for runs in results.values():
+        clean = runs["clean, FedAvg"]["final_accuracy"]
+        for r in runs.values():
+            r["gap_to_clean"] = clean - r["final_accuracy"]
     report = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "scenario": SCENARIO.name,
-        "variants": results,
+        "label_skews": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{'variant':38s} {'final acc':>9s} {'best acc':>8s} {'gap to clean':>12s}")
-    for label, r in results.items():
-        print(f"{label:38s} {r['final_accuracy']:9.3f} {r['best_accuracy']:8.3f} {r['gap_to_clean']:+12.3f}")
+    print(f"{'variant':38s} " + " ".join(f"{'final ' + skew:>14s} {'gap':>7s}" for skew in SKEWS))
+    for label in VARIANTS:
+        cells = " ".join(f"{results[skew][label]['final_accuracy']:14.3f} {results[skew][label]['gap_to_clean']:+7.3f}"
+                         for skew in SKEWS)
+        print(f"{label:38s} {cells}")
     print(f"written to {args.out}")
     return 0
 

@@ -104,6 +104,9 @@ def _drive(scenario, fleet, availability, placement, run_dir: Path, created: lis
         "sensors": scenario.fleet.sensors,
         "mode": scenario.aggregation.mode,
         "strategy": scenario.aggregation.strategy.name,
+        "aggregator": scenario.aggregation.aggregator.name,
+        "server_optimizer": scenario.aggregation.server_optimizer.name,
+        "attack": scenario.attack.kind if scenario.attack is not None else None,
         "cohort": scenario.aggregation.cohort if scenario.aggregation.mode == "sync"
         else scenario.aggregation.strategy.concurrency,
         "model": scenario.model.name,

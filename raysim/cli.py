@@ -127,14 +127,16 @@ def _summary_table(summary: dict[str, Any]):
     rows = [
         ("sensors / cohort", f"{summary.get('sensors', '?'):,} / {summary.get('cohort', '?'):,}"),
         ("model", f"{summary.get('model', '?')} ({summary.get('parameters', 0):,} parameters)"),
-        ("aggregation", f"{summary.get('mode', 'sync')} {summary.get('strategy', 'fedavg')}"),
+        ("aggregation", f"{summary.get('mode', 'sync')} {summary.get('strategy', 'fedavg')}, "
+                        f"{summary.get('aggregator', 'mean')}, server {summary.get('server_optimizer', 'sgd')}"),
         ("client actors × sensors each", f"{summary.get('client_actors', '?')} × {summary.get('sensors_per_actor', '?')}"),
         ("rounds", f"{summary.get('rounds', 0)}"),
         ("accuracy: first → final (best)", _accuracy_text(summary)),
         ("final test loss", _fmt(summary.get("final_loss"), ".4f")),
         ("updates applied / dropped", f"{summary.get('updates_applied', 0):,} / {summary.get('updates_dropped', 0):,}"),
-        ("  dropped: late / lost / offline",
-         f"{summary.get('updates_late', 0):,} / {summary.get('updates_lost', 0):,} / {summary.get('updates_offline', 0):,}"),
+        ("  dropped: late / lost / offline / rejected",
+         f"{summary.get('updates_late', 0):,} / {summary.get('updates_lost', 0):,} / {summary.get('updates_offline', 0):,}"
+         f" / {summary.get('updates_rejected', 0):,}"),
         ("trainings skipped (saved)", f"{summary.get('trainings_skipped', 0):,} ({_fmt(summary.get('compute_saved_s'), ',.1f', ' s')} virtual compute)"),
         ("rounds skipped", f"{summary.get('rounds_skipped', 0):,}"),
         ("bytes up / down", f"{_bytes(summary.get('bytes_up'))} / {_bytes(summary.get('bytes_down'))}"),

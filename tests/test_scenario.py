@@ -10,6 +10,7 @@ import pydantic
 import pytest
 import yaml
 
+import raysim
 from raysim import ScenarioError, load_scenario
 from raysim.cli import main
 
@@ -133,3 +134,18 @@ def test_unknown_cli_flag_exits_2():
     done = raysim_cli("run", "scenarios/quickstart.yaml", "--rounds", "3", cwd=ROOT)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and "--rounds" in done.stderr
+
+
+def test_learning_rate_schedules_follow_their_formulas():
+    def rates(schedule, rounds=10, lr=0.2):
+        s = raysim.load_scenario({"training": {"lr": lr, "rounds": rounds, "lr_schedule": schedule}})
+        return [s.training.lr_schedule.at(lr, r, rounds) for r in range(1, rounds + 1)]
+
+    assert rates({"kind": "constant"}) == [0.2] * 10
+    # ×0.9 every 3 rounds: rounds 1-3 at 0.2, 4-6 at 0.18, 7-9 at 0.162, 10 at 0.1458.
+    assert rates({"kind": "step", "gamma": 0.9, "every": 3}) == pytest.approx([0.2] * 3 + [0.18] * 3 + [0.162] * 3 + [0.1458])
+    cosine = rates({"kind": "cosine", "min_lr": 0.02})
+    assert cosine[0] == pytest.approx(0.2) and cosine[5] == pytest.approx(0.11)  # halfway: the mean of lr and min_lr
+    assert all(a > b for a, b in zip(cosine, cosine[1:])) and cosine[-1] > 0.02
+    with pytest.raises(raysim.ScenarioError, match="min_lr"):
+        raysim.load_scenario({"training": {"lr": 0.1, "lr_schedule": {"kind": "cosine", "min_lr": 0.5}}})

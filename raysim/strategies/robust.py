@@ -223,11 +223,18 @@ class BulyanConfig(BaseModel):
     num_byzantine: NonNegativeInt  # f: Byzantine updates tolerated
 
 
-class Mean:
-    """Sample-weighted mean Σ_i w_i·u_i / Σ_i w_i (McMahan et al., AISTATS 2017): the non-robust baseline."""
+class _Configured:
+    """An aggregator built from its config; it needs one update unless it says otherwise."""
 
-    def __init__(self, config: MeanConfig) -> None:
+    def __init__(self, config: BaseModel) -> None:
         self.config = config
+
+    def min_updates(self) -> int:
+        return 1
+
+
+class Mean(_Configured):
+    """Sample-weighted mean Σ_i w_i·u_i / Σ_i w_i (McMahan et al., AISTATS 2017): the non-robust baseline."""
 
     def aggregate(self, updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
         # Imported here: raysim.strategies imports this module at its end.
@@ -235,41 +242,23 @@ class Mean:
 
         return weighted_mean(updates, weights)
 
-    def min_updates(self) -> int:
-        return 1
 
-
-class Median:
+class Median(_Configured):
     """Coordinate-wise median (Yin et al., ICML 2018); every update counts once, whatever its weight."""
-
-    def __init__(self, config: MedianConfig) -> None:
-        self.config = config
 
     def aggregate(self, updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
         return coordinate_median(updates)
 
-    def min_updates(self) -> int:
-        return 1
 
-
-class TrimmedMean:
+class TrimmedMean(_Configured):
     """Coordinate-wise β-trimmed mean (Yin et al., ICML 2018); every update counts once, whatever its weight."""
-
-    def __init__(self, config: TrimmedMeanConfig) -> None:
-        self.config = config
 
     def aggregate(self, updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
         return trimmed_mean(updates, self.config.beta)
 
-    def min_updates(self) -> int:
-        return 1
 
-
-class Krum:
+class Krum(_Configured):
     """Krum, or Multi-Krum with m > 1 (Blanchard et al., NeurIPS 2017); needs n ≥ max(2f + 3, m)."""
-
-    def __init__(self, config: KrumConfig) -> None:
-        self.config = config
 
     def aggregate(self, updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
         return krum(updates, self.config.num_byzantine, self.config.num_selected)
@@ -278,11 +267,8 @@ class Krum:
         return max(2 * self.config.num_byzantine + 3, self.config.num_selected)
 
 
-class Bulyan:
+class Bulyan(_Configured):
     """Bulyan over Krum (El Mhamdi et al., ICML 2018); needs n ≥ 4f + 3."""
-
-    def __init__(self, config: BulyanConfig) -> None:
-        self.config = config
 
     def aggregate(self, updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
         return bulyan(updates, self.config.num_byzantine)
