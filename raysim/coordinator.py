@@ -113,7 +113,8 @@ class Coordinator:
         slot = {v: i for i, v in enumerate(needed)}
         version_slots = np.array([slot[v] for v in versions.tolist()], dtype=np.int64)
         lr = self.lr_at(versions)
-        control = {"control": ray.put(self.strategy.control)} if self.scaffold else {}
+        shared = self.strategy.broadcast()
+        control = {"control": ray.put(shared)} if shared is not None else {}
         owners = self.owner[positions]
         calls, rows = [], []
         for actor_index in np.unique(owners):
@@ -247,8 +248,7 @@ class Coordinator:
         checkpoints = self.run_dir / "checkpoints"
         checkpoints.mkdir(exist_ok=True)
         server_state = {f"optimizer.{k}": v for k, v in self.optimizer.state_dict().items()}
-        if self.scaffold:
-            server_state["scaffold.control"] = self.strategy.control
+        server_state.update({f"strategy.{k}": v for k, v in self.strategy.state_dict().items()})
         np.savez(checkpoints / "final.npz", weights=self.weights, round=self.step_index,
                  virtual_time_s=self.virtual_time_s, **server_state)
         summary = summarize(self.recorder.metrics_table(), self.scenario.logging.target_accuracy)

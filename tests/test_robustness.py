@@ -98,7 +98,7 @@ def test_scaffold_sends_twice_the_bytes_and_checkpoints_its_control_and_the_opti
     delivered = events[events.outcome == "applied"]
     assert (delivered.bytes_up == 2 * model_bytes).all() and (delivered.bytes_down == 2 * model_bytes).all()
     state = np.load(run.run_dir / "checkpoints" / "final.npz")
-    assert np.isfinite(state["scaffold.control"]).all() and np.abs(state["scaffold.control"]).sum() > 0
+    assert np.isfinite(state["strategy.control"]).all() and np.abs(state["strategy.control"]).sum() > 0
     assert np.isfinite(run.global_weights).all()
     assert int(state["optimizer.step"]) == 3
     assert state["optimizer.m"].shape == run.global_weights.shape and (state["optimizer.v"] > 0).all()

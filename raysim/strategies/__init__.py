@@ -64,6 +64,24 @@ class Strategy(Protocol):
         """What client actors need to know of the algorithm: ``prox_mu`` and ``scaffold`` (0 or 1)."""
         ...
 
+    def broadcast(self) -> np.ndarray | None:
+        """Server state sent to the sensors with the model (SCAFFOLD's control variate), or None."""
+        ...
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Server state to keep in checkpoints."""
+        ...
+
+
+class Stateless:
+    """For strategies whose only server state is the global model."""
+
+    def broadcast(self) -> np.ndarray | None:
+        return None
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {}
+
 
 STRATEGIES: Registry[Strategy] = Registry("aggregation.strategy")
 
@@ -100,7 +118,7 @@ class FedAvgConfig(BaseModel):
     server_lr: PositiveFloat = 1.0  # η_g; 1 is plain FedAvg
 
 
-class FedAvg:
+class FedAvg(Stateless):
     """Federated averaging (McMahan et al., AISTATS 2017, Alg. 1).
 
         x ← x + η_g · Σ_k p_k Δ_k,   p_k = n_k / Σ_j n_j   (or 1/K with uniform weighting)
@@ -133,5 +151,5 @@ def client_settings(config: BaseModel) -> dict[str, float]:
 # Register FedProx, SCAFFOLD, FedNova, FedBuff and FedAsync (imported for that side effect, after the registry exists).
 from raysim.strategies import asynchronous, drift  # noqa: E402,F401
 
-__all__ = ["STRATEGIES", "Combine", "FedAvg", "FedAvgConfig", "ServerContext", "Strategy", "UpdateBatch",
+__all__ = ["STRATEGIES", "Combine", "FedAvg", "FedAvgConfig", "ServerContext", "Stateless", "Strategy", "UpdateBatch",
            "client_settings", "weighted_mean"]

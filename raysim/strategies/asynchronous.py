@@ -13,7 +13,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
 from raysim.errors import AggregationError
-from raysim.strategies import STRATEGIES, Combine, ServerContext, UpdateBatch, weighted_mean
+from raysim.strategies import STRATEGIES, Combine, ServerContext, Stateless, UpdateBatch, weighted_mean
 
 
 class Staleness(BaseModel):
@@ -65,7 +65,7 @@ class FedAsyncConfig(AsyncConfig):
     alpha: float = Field(0.6, gt=0, le=1)  # α: base mixing weight
 
 
-class FedBuff:
+class FedBuff(Stateless):
     """FedBuff (Nguyen et al., AISTATS 2022, Alg. 1): a server step every K delivered updates.
 
         Δ_t = η_g · combine(Δ_i, w_i),   w_i = s(τ_i) (uniform) or s(τ_i)·n_i (sample-weighted)
@@ -87,7 +87,7 @@ class FedBuff:
         return {"prox_mu": self.config.prox_mu, "scaffold": 0}
 
 
-class FedAsync:
+class FedAsync(Stateless):
     """FedAsync (Xie et al. 2019, Alg. 1 with staleness): every delivered update is mixed in at once.
 
         x ← (1 − α_t)·x + α_t·(x_base + Δ),   α_t = α·s(τ);   as a pseudo-gradient, Δ_t = α_t·(x_base + Δ − x)

@@ -12,7 +12,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, NonNegativeFloat, PositiveFloat
 
 from raysim.errors import AggregationError
-from raysim.strategies import STRATEGIES, Combine, FedAvg, FedAvgConfig, ServerContext, UpdateBatch, weighted_mean
+from raysim.strategies import STRATEGIES, Combine, FedAvg, FedAvgConfig, ServerContext, Stateless, UpdateBatch, weighted_mean
 
 
 class FedProxConfig(FedAvgConfig):
@@ -71,6 +71,12 @@ class Scaffold:
     def client(self) -> dict[str, float]:
         return {"prox_mu": 0.0, "scaffold": 1}
 
+    def broadcast(self) -> np.ndarray | None:
+        return self.control
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {"control": self.control}
+
 
 class FedNovaConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -98,7 +104,7 @@ def fednova_normalizer(steps: np.ndarray, lr: np.ndarray, momentum: float, prox_
     return tau
 
 
-class FedNova:
+class FedNova(Stateless):
     """FedNova (Wang et al., NeurIPS 2020): normalized averaging for unequal local work.
 
     Each update is divided by its normalizer a_i (its number of local steps
