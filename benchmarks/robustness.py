@@ -7,7 +7,7 @@ run's final and best test accuracy and its gap to the clean run; all of it at
 the scenario's mild label skew (Dirichlet α = 5) and at a strong one (α = 0.5).
 Runs are deterministic, so one of each suffices.
 
-    .venv/bin/python benchmarks/robustness.py [--rounds 30] [--out benchmarks/results/robustness.json]
+    .venv/bin/python benchmarks/robustness.py [--rounds N] [--out benchmarks/results/robustness.json]
 """
 
 from __future__ import annotations
