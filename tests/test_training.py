@@ -233,7 +233,7 @@ def test_a_sensor_without_samples_sends_a_zero_update(train):
 
 
 @pytest.mark.parametrize("train", [train_reference, train_vectorized])
-def test_bad_cohorts_are_refused(train):
+def test_bad_cohorts_and_per_sensor_arguments_are_refused(train):
     datasets = make_cohort([4, 4])
     model, layout, w0 = setup(MLP)
     cfg = LocalTraining(epochs=1, batch_size=2, lr=0.1)
@@ -244,6 +244,11 @@ def test_bad_cohorts_are_refused(train):
         train(model, layout, w0, datasets, [plans[0], [np.array([0, 4])]], cfg)
     with pytest.raises(ValueError):
         train(model, layout, w0[:-1], datasets, plans, cfg)
+    for lr in (np.array([0.1]), np.array([0.1, 0.0]), np.array([0.1, np.nan])):  # one positive rate per sensor
+        with pytest.raises(ValueError):
+            train(model, layout, w0, datasets, plans, cfg, lr=lr)
+    with pytest.raises(ValueError):
+        train(model, layout, w0, datasets, plans, cfg, correction=np.zeros((2, layout.size - 1), dtype=np.float32))
 
 
 def test_training_lowers_the_loss_on_a_learnable_task():
@@ -512,19 +517,6 @@ def test_a_sensors_own_lr_equals_training_it_alone_with_that_lr(train, terms):
         np.testing.assert_allclose(together.train_loss[i], alone.train_loss[0], rtol=1e-7)
     same = train(model, layout, w0, datasets, plans, cfg)
     assert not np.allclose(together.updates[1], same.updates[1], atol=1e-4)
-
-
-@pytest.mark.parametrize("train", [train_reference, train_vectorized])
-def test_bad_per_sensor_arguments_are_refused(train):
-    datasets = make_cohort([4, 4])
-    model, layout, w0 = setup(MLP)
-    cfg = LocalTraining(epochs=1, batch_size=2, lr=0.1)
-    plans = make_plans(datasets, cfg)
-    for lr in (np.array([0.1]), np.array([0.1, 0.0]), np.array([0.1, np.nan])):
-        with pytest.raises(ValueError):
-            train(model, layout, w0, datasets, plans, cfg, lr=lr)
-    with pytest.raises(ValueError):
-        train(model, layout, w0, datasets, plans, cfg, correction=np.zeros((2, layout.size - 1), dtype=np.float32))
 
 
 def test_scaffold_control_update_follows_option_two():
