@@ -90,9 +90,11 @@ def run(
 def _drive(scenario, fleet, availability, placement, run_dir: Path, created: list, progress) -> RunResult:
     actors = cluster.start_client_actors(scenario, fleet, placement)
     created.extend(actors)
-    ray.get([actor.sensors.remote() for actor in actors])  # every shard loaded before the clock starts
+    # The coordinator starts while the client actors load their shards; the clock starts once all are up.
     coordinator = cluster.start_coordinator(scenario, fleet, availability, actors, placement, str(run_dir))
     created.append(coordinator)
+    ray.get([actor.sensors.remote() for actor in actors])
+    ray.get(coordinator.start_clock.remote())
     for _ in range(scenario.training.rounds):
         row = ray.get(coordinator.step.remote())
         if progress is not None:

@@ -87,6 +87,10 @@ class Coordinator:
         self.wall_started = time.perf_counter()
         self.loop = SyncRounds(self) if scenario.aggregation.mode == "sync" else AsyncSteps(self)
 
+    def start_clock(self) -> None:
+        """Start the wall clock of the run's throughput figures (called once every client actor is ready)."""
+        self.wall_started = time.perf_counter()
+
     def step(self) -> dict[str, Any]:
         """One synchronous round or one asynchronous server step; returns its metrics row."""
         return self.loop.step()

@@ -33,7 +33,7 @@ def scenario(aggregation: dict, **changes) -> dict:
         "model": {"name": "mlp", "hidden": [8]},
         "training": {"rounds": 4, "batch_size": 8},
         "aggregation": aggregation,
-        "cluster": {"num_cpus": 0.5},
+        "cluster": {"num_cpus": 0.5, "client_actors": 2},
         "logging": {"progress": False},
     }, changes)
 

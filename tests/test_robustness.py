@@ -24,7 +24,7 @@ def scenario(**changes) -> raysim.Scenario:
         "model": {"name": "mlp", "hidden": [8]},
         "training": {"rounds": 3, "batch_size": 8, "lr": 0.1},
         "aggregation": {"cohort": 16},
-        "cluster": {"num_cpus": 0.5},
+        "cluster": {"num_cpus": 0.5, "client_actors": 2},
         "logging": {"progress": False},
     }, changes))
 
