@@ -11,10 +11,10 @@ from __future__ import annotations
 from typing import Literal, Protocol
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
+from pydantic import BaseModel, Field, NonNegativeInt, PositiveInt
 
 from raysim.errors import AggregationError
-from raysim.registry import Registry
+from raysim.registry import PluginConfig, Registry
 
 
 def _checked(updates: np.ndarray, kernel: str) -> tuple[np.ndarray, np.dtype]:
@@ -189,36 +189,26 @@ class Aggregator(Protocol):
 AGGREGATORS: Registry[Aggregator] = Registry("aggregation.aggregator")
 
 
-class MeanConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class MeanConfig(PluginConfig):
     name: Literal["mean"] = "mean"
 
 
-class MedianConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class MedianConfig(PluginConfig):
     name: Literal["median"] = "median"
 
 
-class TrimmedMeanConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class TrimmedMeanConfig(PluginConfig):
     name: Literal["trimmed_mean"] = "trimmed_mean"
     beta: float = Field(0.1, ge=0, lt=0.5)  # β: fraction of values dropped from each end of every coordinate
 
 
-class KrumConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class KrumConfig(PluginConfig):
     name: Literal["krum"] = "krum"
     num_byzantine: NonNegativeInt  # f: Byzantine updates tolerated
     num_selected: PositiveInt = 1  # m: best-scored updates averaged; m > 1 is Multi-Krum
 
 
-class BulyanConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class BulyanConfig(PluginConfig):
     name: Literal["bulyan"] = "bulyan"
     num_byzantine: NonNegativeInt  # f: Byzantine updates tolerated
 
