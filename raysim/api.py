@@ -17,9 +17,11 @@ import ray
 
 from raysim import cluster
 from raysim.availability import Availability
+from raysim.compression import CODECS
 from raysim.errors import RaysimError, ScenarioError
 from raysim.fleet import prepare_fleet
 from raysim.metrics import write_json
+from raysim.models import ParamLayout, build_model
 from raysim.scenario import Scenario, load_scenario
 
 ProgressCallback = Callable[[dict[str, Any]], None]
@@ -64,6 +66,7 @@ def run(
         raise ScenarioError(f"run directory {run_dir} already exists and is not empty; choose another --out.")
     fleet = prepare_fleet(scenario, default_cache_dir())
     availability = Availability.from_scenario(scenario, fleet.profiles)  # reads and checks any trace files
+    _check_codec(scenario, fleet)
 
     started_ray = cluster.connect(address)
     created: list[Any] = []
@@ -87,6 +90,15 @@ def run(
     return result
 
 
+def _check_codec(scenario: Scenario, fleet: Any) -> None:
+    """A codec's settings can depend on the model's size (top-k's k ≤ d): check them against the built model."""
+    layout = ParamLayout.of(build_model(scenario.model, fleet.channels, fleet.window, fleet.classes))
+    try:
+        CODECS.build(scenario.compression.uplink, layout.numels)
+    except ValueError as exc:
+        raise ScenarioError(f"invalid scenario {scenario.source}: compression.uplink: {exc}.") from None
+
+
 def _drive(scenario, fleet, availability, placement, run_dir: Path, created: list, progress) -> RunResult:
     actors = cluster.start_client_actors(scenario, fleet, placement)
     created.extend(actors)
@@ -108,6 +120,7 @@ def _drive(scenario, fleet, availability, placement, run_dir: Path, created: lis
         "strategy": scenario.aggregation.strategy.name,
         "aggregator": scenario.aggregation.aggregator.name,
         "server_optimizer": scenario.aggregation.server_optimizer.name,
+        "uplink_codec": scenario.compression.uplink.name,
         "attack": scenario.attack.kind if scenario.attack is not None else None,
         "cohort": scenario.aggregation.cohort if scenario.aggregation.mode == "sync"
         else scenario.aggregation.strategy.concurrency,

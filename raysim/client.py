@@ -18,8 +18,9 @@ import torch
 from raysim.fleet import FleetData, preprocess, store
 from raysim.models import ParamLayout, build_model
 from raysim.scenario import Scenario
-from raysim.streams import TRAIN, stream
+from raysim.streams import COMPRESS, TRAIN, stream
 from raysim.attacks import choose_attackers, flip_labels
+from raysim.compression import CODECS, ErrorFeedback
 from raysim.strategies import client_settings
 from raysim.strategies.validation import fingerprint
 from raysim.training import LocalTraining, scaffold_control_update, train_reference, train_vectorized
@@ -39,6 +40,9 @@ class ClientActor:
         self.controls: dict[int, np.ndarray] = {}  # SCAFFOLD: each hosted sensor's control variate c_i
         self.model = build_model(scenario.model, fleet.channels, fleet.window, fleet.classes)
         self.layout = ParamLayout.of(self.model)
+        uplink = scenario.compression.uplink
+        self.codec = CODECS.build(uplink, self.layout.numels) if uplink.name != "none" else None
+        self.feedback = ErrorFeedback(self.codec, self.layout.size) if self.codec and scenario.compression.error_feedback else None
         prep = scenario.fleet.data.preprocess
         loaded = store.read_sensors(fleet.train_path, np.asarray(sensor_ids))
         flipped = set()
@@ -48,6 +52,12 @@ class ClientActor:
         self.data = {sid: (preprocess.apply(x, prep), flip_labels(y, fleet.classes) if sid in flipped else y)
                      for sid, (x, y) in loaded.items()}
         self._warm_up()
+
+    def _encode(self, sensor_id: int, task_key: int, update: np.ndarray) -> bytes:
+        rng = stream(self.scenario.seed, COMPRESS, sensor_id, task_key)
+        if self.feedback is not None:
+            return self.feedback.send(sensor_id, update, rng)
+        return self.codec.encode(update, rng)
 
     def _warm_up(self) -> None:
         # torch.func.vmap's first call in a process pays a one-off set-up cost (about 2 s); models
@@ -111,8 +121,11 @@ class ClientActor:
         else:
             result = trainer(self.model, self.layout, start, datasets, plans, self.local, lr=lr)
         prints = np.array([fingerprint(w) for w in weights], dtype=np.int64)
+        if self.codec is not None:  # what goes on the wire; the coordinator decodes
+            out["payloads"] = [self._encode(int(sid), int(key), update)
+                               for sid, key, update in zip(sensor_ids, task_keys, result.updates)]
         out.update(
-            updates=result.updates,
+            updates=result.updates if self.codec is None else np.zeros((len(sensor_ids), 0), np.float32),
             num_samples=np.array([len(y) for _, y in datasets], dtype=np.int64),
             train_loss=result.train_loss,
             steps=result.steps,

@@ -27,6 +27,7 @@ import torch
 
 from raysim.availability import Availability
 from raysim.clock import APPLIED, LATE, LOST, OFFLINE, TaskPlan, TaskTiming, plan_task, plan_tasks, stack_timings
+from raysim.compression import CODECS
 from raysim.errors import AggregationError
 from raysim.fleet import FleetData, preprocess, store
 from raysim.metrics import RunRecorder, summarize
@@ -74,6 +75,8 @@ class Coordinator:
         self.aggregator = AGGREGATORS.build(aggregation.aggregator)
         self.optimizer = SERVER_OPTIMIZERS.build(aggregation.server_optimizer)
         self.scaffold = bool(self.strategy.client()["scaffold"])
+        uplink = scenario.compression.uplink
+        self.codec = CODECS.build(uplink, self.layout.numels) if uplink.name != "none" else None
         self.malicious = (choose_attackers(scenario.seed, self.profiles.sensor_id, scenario.attack.fraction)
                           if scenario.attack is not None else np.zeros(len(self.profiles), dtype=bool))
         self.fingerprints: dict[int, int] = {}  # model version → fingerprint of its weights
@@ -130,7 +133,7 @@ class Coordinator:
                     **control,
                 )
             )
-        return _Training(calls, rows, len(positions))
+        return _Training(calls, rows, len(positions), self.codec)
 
     def lr_at(self, versions: np.ndarray) -> np.ndarray:
         """Local learning rate of tasks training from these model versions (version v is round v + 1's)."""
@@ -183,13 +186,19 @@ class Coordinator:
                          **self._clock_inputs())
 
     def _clock_inputs(self) -> dict[str, Any]:
-        return dict(seed=self.scenario.seed, bytes_down=self.bytes_per_transfer, bytes_up=self.bytes_per_transfer,
+        return dict(seed=self.scenario.seed, bytes_down=self.bytes_down, bytes_up=self.bytes_up,
                     epochs=self.scenario.training.local_epochs, availability=self.availability)
 
     @property
-    def bytes_per_transfer(self) -> int:
-        """Bytes of one download or upload: the model, and SCAFFOLD's control variate with it."""
+    def bytes_down(self) -> int:
+        """Bytes of one download: the float32 model, and SCAFFOLD's control variate with it."""
         return self.layout.num_bytes * (2 if self.scaffold else 1)
+
+    @property
+    def bytes_up(self) -> int:
+        """Bytes of one upload: the update's encoded payload, and SCAFFOLD's float32 control change with it."""
+        update = self.codec.payload_bytes if self.codec is not None else self.layout.num_bytes
+        return update + (self.layout.num_bytes if self.scaffold else 0)
 
     def record(self, row: dict[str, Any], events: dict[str, np.ndarray], staleness: np.ndarray | None = None) -> dict:
         """Evaluate if due, complete the step's metrics row, and hand both to the recorder."""
@@ -224,7 +233,6 @@ class Coordinator:
         if trained is not None:
             train_loss[trained_mask] = trained["train_loss"]
             steps[trained_mask] = trained["steps"]
-        bytes_model = self.bytes_per_transfer
         return {
             "sensor": members.sensor_id,
             "round": np.full(count, round_index, dtype=np.int64),
@@ -242,8 +250,8 @@ class Coordinator:
             "num_samples": members.num_samples,
             "local_steps": steps,
             "train_loss": train_loss,
-            "bytes_up": plan.up_attempts * bytes_model,
-            "bytes_down": plan.down_attempts * bytes_model,
+            "bytes_up": plan.up_attempts * self.bytes_up,
+            "bytes_down": plan.down_attempts * self.bytes_down,
         }
 
     def finish(self) -> dict[str, Any]:
@@ -256,14 +264,16 @@ class Coordinator:
         np.savez(checkpoints / "final.npz", weights=self.weights, round=self.step_index,
                  virtual_time_s=self.virtual_time_s, **server_state)
         summary = summarize(self.recorder.metrics_table(), self.scenario.logging.target_accuracy)
+        # Raw float32 update bytes per encoded byte on the uplink (SCAFFOLD's control travels raw).
+        summary["uplink_compression"] = self.layout.num_bytes / (self.bytes_up - (self.layout.num_bytes if self.scaffold else 0))
         return {"summary": summary, "weights": self.weights}
 
 
 class _Training:
     """Training calls in progress on the client actors; ``result()`` collects them once."""
 
-    def __init__(self, calls: list[Any], rows: list[np.ndarray], count: int) -> None:
-        self.calls, self.rows, self.count = calls, rows, count
+    def __init__(self, calls: list[Any], rows: list[np.ndarray], count: int, codec: Any = None) -> None:
+        self.calls, self.rows, self.count, self.codec = calls, rows, count, codec
         self._result: dict[str, np.ndarray] | None = None
 
     def result(self) -> dict[str, np.ndarray]:
@@ -276,6 +286,9 @@ class _Training:
             for key in ("updates", "fingerprint", "controls"):
                 if key in parts[0]:
                     merged[key] = np.concatenate([p[key] for p in parts])[order]
+            if "payloads" in parts[0]:
+                payloads = [payload for p in parts for payload in p["payloads"]]
+                merged["updates"] = np.stack([self.codec.decode(payloads[i]) for i in order])
             self._result, self.calls = merged, []
         return self._result
 

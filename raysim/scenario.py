@@ -31,6 +31,7 @@ from pydantic import (
 from raysim.errors import ScenarioError
 from raysim.models import MODELS
 from raysim.attacks import Attack
+from raysim.compression import CODECS
 from raysim.strategies import STRATEGIES
 from raysim.strategies.robust import AGGREGATORS
 from raysim.strategies.server_optimizers import SERVER_OPTIMIZERS
@@ -310,6 +311,18 @@ class Aggregation(Frozen):
         return self
 
 
+class Compression(Frozen):
+    """How sensors encode their updates for the uplink; the byte counts and upload times follow the payload."""
+
+    uplink: CODECS.config_union() = Field(default_factory=lambda: CODECS.entry("none").config())  # type: ignore[valid-type]
+    error_feedback: bool = False  # keep what each sensor's codec dropped and add it to its next update
+
+    @model_validator(mode="before")
+    @classmethod
+    def _codec_name(cls, raw: Any) -> Any:
+        return _default_tag(raw, "uplink", "name", "none")
+
+
 class ClusterSection(Frozen):
     client_actors: Union[PositiveInt, Literal["auto"]] = "auto"
     sensors_per_actor: Union[PositiveInt, Literal["auto"]] = "auto"
@@ -339,6 +352,7 @@ class Scenario(Frozen):
     model: MODELS.config_union() = Field(default_factory=lambda: MODELS.entry("mlp").config())  # type: ignore[valid-type]
     training: Training = Training()
     aggregation: Aggregation = Aggregation()
+    compression: Compression = Compression()
     attack: Optional[Attack] = None  # a seeded share of the fleet is malicious
     cluster: ClusterSection = ClusterSection()
     logging: Logging = Logging()

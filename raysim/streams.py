@@ -18,6 +18,7 @@ CLOCK = 0xC10C  # per sensor and round: transfer losses and retries
 PROFILE = 0x9F0F  # per sensor: speed and bandwidth drawn from the tier
 AVAILABILITY = 0xA7A1  # per sensor and block: the on/off process
 ATTACK = 0xA77C  # which sensors are malicious, and the noise they send
+COMPRESS = 0xC0DE  # per sensor and task: a codec's stochastic rounding or random coordinates
 
 
 def stream(seed: int, purpose: int, *keys: int) -> np.random.Generator:

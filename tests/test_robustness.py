@@ -116,3 +116,30 @@ def test_norm_filter_rejects_boosted_updates_and_tensorboard_counts_them(ray_ses
     board = EventAccumulator(str(run.run_dir / "tb")).Reload()
     counts = [e.value for e in board.Scalars("round/updates_rejected")]
     assert counts == run.metrics.column("updates_rejected").to_pylist()
+
+
+def test_uplink_codec_sets_the_bytes_and_upload_time_on_the_clock(ray_session, tmp_path):
+    """int8 sends 8 bytes per parameter tensor plus one per weight, and the clock charges exactly that."""
+    from raysim.models import ParamLayout, build_model
+
+    plain = raysim.run(scenario(), out_dir=tmp_path / "plain")
+    int8 = raysim.run(scenario(**{"compression.uplink": {"name": "int8"}}), out_dir=tmp_path / "int8")
+    s = scenario()
+    fleet = prepare_fleet(s, default_cache_dir())
+    layout = ParamLayout.of(build_model(s.model, fleet.channels, fleet.window, fleet.classes))
+    expected = 8 * len(layout.numels) + layout.size
+    a, b = events_of(plain), events_of(int8)
+    delivered = b[b.outcome == "applied"]
+    assert (delivered.bytes_up == expected).all() and (a[a.outcome == "applied"].bytes_up == 4 * layout.size).all()
+    # Same seed, same round-1 tasks: only the upload got shorter.
+    first_a, first_b = a[a["round"] == 1].set_index("sensor"), b[b["round"] == 1].set_index("sensor")
+    assert (first_b.upload_s < first_a.upload_s).all()
+    np.testing.assert_array_equal(first_b.download_s, first_a.download_s)
+    assert int8.summary["uplink_compression"] == pytest.approx(4 * layout.size / expected)
+    assert np.isfinite(int8.global_weights).all() and not np.array_equal(int8.global_weights, plain.global_weights)
+
+
+def test_a_codec_keeping_more_coordinates_than_the_model_has_is_a_scenario_error(tmp_path):
+    with pytest.raises(raysim.ScenarioError, match=r"compression.uplink: topk keeps k=10000000 .* d="):
+        raysim.run(scenario(**{"compression.uplink": {"name": "topk", "k": 10_000_000}}), out_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
