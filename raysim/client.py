@@ -124,8 +124,9 @@ class ClientActor:
         if self.codec is not None:  # what goes on the wire; the coordinator decodes
             out["payloads"] = [self._encode(int(sid), int(key), update)
                                for sid, key, update in zip(sensor_ids, task_keys, result.updates)]
+        else:
+            out["updates"] = result.updates
         out.update(
-            updates=result.updates if self.codec is None else np.zeros((len(sensor_ids), 0), np.float32),
             num_samples=np.array([len(y) for _, y in datasets], dtype=np.int64),
             train_loss=result.train_loss,
             steps=result.steps,

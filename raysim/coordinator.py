@@ -77,6 +77,14 @@ class Coordinator:
         self.scaffold = bool(self.strategy.client()["scaffold"])
         uplink = scenario.compression.uplink
         self.codec = CODECS.build(uplink, self.layout.numels) if uplink.name != "none" else None
+        # Bytes per transfer: the float32 model down and the encoded update up, each with SCAFFOLD's
+        # float32 control variate (or its change) when the strategy uses one.
+        control_bytes = self.layout.num_bytes if self.scaffold else 0
+        self.update_bytes = self.codec.payload_bytes if self.codec is not None else self.layout.num_bytes
+        self.bytes_down = self.layout.num_bytes + control_bytes
+        self.bytes_up = self.update_bytes + control_bytes
+        self.clock_inputs = dict(seed=scenario.seed, bytes_down=self.bytes_down, bytes_up=self.bytes_up,
+                                 epochs=scenario.training.local_epochs, availability=availability)
         self.malicious = (choose_attackers(scenario.seed, self.profiles.sensor_id, scenario.attack.fraction)
                           if scenario.attack is not None else np.zeros(len(self.profiles), dtype=bool))
         self.fingerprints: dict[int, int] = {}  # model version → fingerprint of its weights
@@ -101,22 +109,20 @@ class Coordinator:
     # ------------------------------------------------------------------ shared by both loops
 
     def train(
-        self, positions: np.ndarray, task_keys: np.ndarray, versions: np.ndarray, weights: dict[int, Any]
+        self, positions: np.ndarray, task_keys: np.ndarray, versions: np.ndarray, weights: dict[int, np.ndarray]
     ) -> "_Training":
         """Start training tasks (sensor ``positions[i]`` from model version ``versions[i]``).
 
-        One call per client actor hosting any of them; ``weights`` maps a
-        version to its weights or to an object ref of them, so each version is
-        ``ray.put`` once and shared. A task's learning rate follows the
+        One call per client actor hosting any of them; ``weights`` maps each
+        version to its weights, ``ray.put`` once and shared by the calls. A task's learning rate follows the
         schedule at its version. The returned handle's ``result()`` waits and
         gives the results in input order; until then the coordinator is free.
         """
         needed = sorted(set(versions.tolist()))
-        refs = [weights[v] if isinstance(weights[v], ray.ObjectRef) else ray.put(weights[v]) for v in needed]
+        refs = [ray.put(weights[v]) for v in needed]
         for v in needed:
             if v not in self.fingerprints:
-                self.fingerprints[v] = fingerprint(weights[v] if not isinstance(weights[v], ray.ObjectRef)
-                                                   else ray.get(weights[v]))
+                self.fingerprints[v] = fingerprint(weights[v])
         slot = {v: i for i, v in enumerate(needed)}
         version_slots = np.array([slot[v] for v in versions.tolist()], dtype=np.int64)
         lr = self.lr_at(versions)
@@ -179,26 +185,11 @@ class Coordinator:
 
     def plan(self, positions: np.ndarray, task_keys: np.ndarray | int, dispatched_at: float) -> TaskPlan:
         return plan_tasks(self.profiles.take(positions), task_keys=task_keys, dispatched_at=dispatched_at,
-                          positions=positions, **self._clock_inputs())
+                          positions=positions, **self.clock_inputs)
 
     def plan_one(self, position: int, task_key: int, dispatched_at: float) -> TaskTiming:
         return plan_task(self.profiles, position, task_key=task_key, dispatched_at=dispatched_at,
-                         **self._clock_inputs())
-
-    def _clock_inputs(self) -> dict[str, Any]:
-        return dict(seed=self.scenario.seed, bytes_down=self.bytes_down, bytes_up=self.bytes_up,
-                    epochs=self.scenario.training.local_epochs, availability=self.availability)
-
-    @property
-    def bytes_down(self) -> int:
-        """Bytes of one download: the float32 model, and SCAFFOLD's control variate with it."""
-        return self.layout.num_bytes * (2 if self.scaffold else 1)
-
-    @property
-    def bytes_up(self) -> int:
-        """Bytes of one upload: the update's encoded payload, and SCAFFOLD's float32 control change with it."""
-        update = self.codec.payload_bytes if self.codec is not None else self.layout.num_bytes
-        return update + (self.layout.num_bytes if self.scaffold else 0)
+                         **self.clock_inputs)
 
     def record(self, row: dict[str, Any], events: dict[str, np.ndarray], staleness: np.ndarray | None = None) -> dict:
         """Evaluate if due, complete the step's metrics row, and hand both to the recorder."""
@@ -265,7 +256,7 @@ class Coordinator:
                  virtual_time_s=self.virtual_time_s, **server_state)
         summary = summarize(self.recorder.metrics_table(), self.scenario.logging.target_accuracy)
         # Raw float32 update bytes per encoded byte on the uplink (SCAFFOLD's control travels raw).
-        summary["uplink_compression"] = self.layout.num_bytes / (self.bytes_up - (self.layout.num_bytes if self.scaffold else 0))
+        summary["uplink_compression"] = self.layout.num_bytes / self.update_bytes
         return {"summary": summary, "weights": self.weights}
 
 

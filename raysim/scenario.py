@@ -284,8 +284,7 @@ class Aggregation(Frozen):
 
     @model_validator(mode="after")
     def _aggregation_fits(self) -> "Aggregation":
-        updates_per_step = self.cohort if self.mode == "sync" else self.strategy.buffer_size if hasattr(
-            self.strategy, "buffer_size") else 1
+        updates_per_step = self.cohort if self.mode == "sync" else getattr(self.strategy, "buffer_size", 1)
         if self.strategy.name == "fedasync" and (self.aggregator.name != "mean" or self.validation.filters):
             raise ValueError("fedasync applies one update per server step: it takes aggregator mean and no "
                              "validation filters (use fedbuff to aggregate robustly)")
