@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from raysim.errors import AggregationError, ClusterError, DataError, RaysimError, ScenarioError
+from raysim.errors import AggregationError, ClusterError, DataError, RaysimError, RaysimWarning, ScenarioError
 from raysim.scenario import Scenario, load_scenario
 
 __version__ = "0.1.0"
@@ -14,6 +14,7 @@ __all__ = [
     "ClusterError",
     "DataError",
     "RaysimError",
+    "RaysimWarning",
     "RunResult",
     "Scenario",
     "ScenarioError",

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -18,7 +20,7 @@ import ray
 from raysim import cluster
 from raysim.availability import Availability
 from raysim.compression import CODECS
-from raysim.errors import RaysimError, ScenarioError
+from raysim.errors import RaysimError, RaysimWarning, ScenarioError
 from raysim.fleet import prepare_fleet
 from raysim.metrics import write_json
 from raysim.models import ParamLayout, build_model
@@ -67,6 +69,7 @@ def run(
     fleet = prepare_fleet(scenario, default_cache_dir())
     availability = Availability.from_scenario(scenario, fleet.profiles)  # reads and checks any trace files
     _check_codec(scenario, fleet)
+    _check_privacy_budget(scenario)
 
     started_ray = cluster.connect(address)
     created: list[Any] = []
@@ -93,10 +96,36 @@ def run(
 def _check_codec(scenario: Scenario, fleet: Any) -> None:
     """A codec's settings can depend on the model's size (top-k's k ≤ d): check them against the built model."""
     layout = ParamLayout.of(build_model(scenario.model, fleet.channels, fleet.window, fleet.classes))
-    try:
-        CODECS.build(scenario.compression.uplink, layout.numels)
-    except ValueError as exc:
-        raise ScenarioError(f"invalid scenario {scenario.source}: compression.uplink: {exc}.") from None
+    for direction in ("uplink", "downlink"):
+        try:
+            CODECS.build(getattr(scenario.compression, direction), layout.numels)
+        except ValueError as exc:
+            raise ScenarioError(f"invalid scenario {scenario.source}: compression.{direction}: {exc}.") from None
+
+
+def _check_privacy_budget(scenario: Scenario) -> None:
+    """A target ε that even the first round would exceed leaves nothing to run: say so before starting."""
+    privacy = scenario.privacy
+    if privacy is None or privacy.target_epsilon is None or privacy.on_budget != "stop":
+        return
+    from raysim.privacy import epsilon
+
+    sensors = scenario.fleet.sensors
+    if privacy.mode == "central":
+        stragglers = scenario.aggregation.stragglers
+        selected = scenario.aggregation.cohort
+        if stragglers.policy == "over-commit":
+            selected = math.ceil(selected * stragglers.overcommit)
+        sample_rate = min(selected, sensors) / sensors  # the least a round can cost: every sensor online
+    else:
+        sample_rate = 1.0
+    first = epsilon(sample_rate, privacy.noise_multiplier, 1, privacy.delta)
+    if first > privacy.target_epsilon:
+        raise ScenarioError(
+            f"invalid scenario {scenario.source}: privacy.target_epsilon: the budget ε = {privacy.target_epsilon:g} "
+            f"is below what one round spends (ε = {first:.4g} at δ = {privacy.delta:g}, noise multiplier "
+            f"{privacy.noise_multiplier:g}, sampling rate {sample_rate:.4g}); raise target_epsilon or "
+            f"noise_multiplier, or lower the cohort.")
 
 
 def _drive(scenario, fleet, availability, placement, run_dir: Path, created: list, progress) -> RunResult:
@@ -107,10 +136,18 @@ def _drive(scenario, fleet, availability, placement, run_dir: Path, created: lis
     created.append(coordinator)
     ray.get([actor.sensors.remote() for actor in actors])
     ray.get(coordinator.start_clock.remote())
+    budget = scenario.privacy.target_epsilon if scenario.privacy is not None else None
     for _ in range(scenario.training.rounds):
         row = ray.get(coordinator.step.remote())
+        if row is None:  # the privacy budget allows no more rounds
+            break
         if progress is not None:
             progress(row)
+        if budget is not None and row["epsilon"] > budget:
+            warnings.warn(RaysimWarning(
+                f"round {row['round']} took the privacy spent to ε = {row['epsilon']:.4g}, above "
+                f"privacy.target_epsilon = {budget:g} (on_budget: warn, so the run goes on)"), stacklevel=2)
+            budget = None  # once
     final = ray.get(coordinator.finish.remote())
     summary = {
         "name": scenario.name,

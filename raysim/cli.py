@@ -11,17 +11,20 @@ import json
 import math
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from raysim.errors import RaysimError, ScenarioError
+from raysim.errors import RaysimError, RaysimWarning, ScenarioError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        return args.handler(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.handler(args)
     except RaysimError as exc:
         message = textwrap.fill(str(exc), width=100, subsequent_indent="  ", break_on_hyphens=False)
         print(f"raysim: error: {message}", file=sys.stderr)
@@ -29,6 +32,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("raysim: interrupted", file=sys.stderr)
         return 130
+
+
+_PYTHON_SHOWWARNING = warnings.showwarning
+
+
+def _show_warning(message, category, *args, **kwargs) -> None:
+    """raysim's own warnings as one line, like its errors; any other warning as Python shows it."""
+    if issubclass(category, RaysimWarning):
+        print(f"raysim: warning: {message}", file=sys.stderr)
+    else:
+        _PYTHON_SHOWWARNING(message, category, *args, **kwargs)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -140,6 +154,9 @@ def _summary_table(summary: dict[str, Any]):
         ("trainings skipped (saved)", f"{summary.get('trainings_skipped', 0):,} ({_fmt(summary.get('compute_saved_s'), ',.1f', ' s')} virtual compute)"),
         ("rounds skipped", f"{summary.get('rounds_skipped', 0):,}"),
         ("bytes up / down", f"{_bytes(summary.get('bytes_up'))} / {_bytes(summary.get('bytes_down'))}"),
+        ("compression up / down (vs float32)", f"{_fmt(summary.get('uplink_compression'), ',.1f', '×')} / "
+                                               f"{_fmt(summary.get('downlink_compression'), ',.1f', '×')}"),
+        *_privacy_rows(summary.get("privacy")),
         ("virtual time", _fmt(summary.get("virtual_time_s"), ",.1f", " s")),
         ("wall time", _fmt(summary.get("wall_time_s"), ",.1f", " s")),
         *_target_rows(summary),
@@ -148,6 +165,21 @@ def _summary_table(summary: dict[str, Any]):
     for name, value in rows:
         table.add_row(name, value)
     return table
+
+
+def _privacy_rows(privacy: dict[str, Any] | None) -> list[tuple[str, str]]:
+    if privacy is None:
+        return []
+    budget = privacy.get("target_epsilon")
+    text = f"ε = {privacy['epsilon']:.3g} at δ = {privacy['delta']:g} ({privacy['mode']}, z = {privacy['noise_multiplier']:g})"
+    if budget is not None:
+        text += f", budget {budget:g}"
+    rows = [("privacy", text)]
+    if privacy.get("stopped_before_round") is not None:
+        rows.append(("privacy budget", f"spent: stopped before round {privacy['stopped_before_round']}"))
+    elif privacy.get("exceeded_at_round") is not None:
+        rows.append(("privacy budget", f"exceeded at round {privacy['exceeded_at_round']} (on_budget: warn)"))
+    return rows
 
 
 def _target_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
@@ -200,14 +232,19 @@ def _report(args: argparse.Namespace) -> int:
     console = Console()
     console.print(_summary_table(summary))
     rounds = Table(title="per round")
-    for name in ("round", "virtual time s", "accuracy", "loss", "applied", "dropped", "bytes up", "updates/s"):
+    private = summary.get("privacy") is not None
+    columns = ["round", "virtual time s", "accuracy", "loss", "applied", "dropped", "bytes up", "MB up total",
+               *(["ε"] if private else []), "updates/s"]
+    for name in columns:
         rounds.add_column(name, justify="right")
     step = max(1, math.ceil(len(metrics) / 25))
     shown = metrics[::step] + ([metrics[-1]] if (len(metrics) - 1) % step else [])
     for row in shown:
         rounds.add_row(
             str(row["round"]), f"{row['virtual_time_s']:,.1f}", _fmt(row["accuracy"], ".4f"), _fmt(row["loss"], ".4f"),
-            str(row["updates_applied"]), str(row["updates_dropped"]), _bytes(row["bytes_up"]), f"{row['updates_per_s']:,.0f}",
+            str(row["updates_applied"]), str(row["updates_dropped"]), _bytes(row["bytes_up"]),
+            f"{row['cumulative_bytes_up'] / 1e6:,.2f}", *([_fmt(row.get("epsilon"), ".3g")] if private else []),
+            f"{row['updates_per_s']:,.0f}",
         )
     console.print(rounds)
     return 0

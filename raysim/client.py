@@ -18,9 +18,10 @@ import torch
 from raysim.fleet import FleetData, preprocess, store
 from raysim.models import ParamLayout, build_model
 from raysim.scenario import Scenario
-from raysim.streams import COMPRESS, TRAIN, stream
+from raysim.streams import COMPRESS, PRIVACY, TRAIN, stream
 from raysim.attacks import choose_attackers, flip_labels
 from raysim.compression import CODECS, ErrorFeedback
+from raysim.privacy import local_dp
 from raysim.strategies import client_settings
 from raysim.strategies.validation import fingerprint
 from raysim.training import LocalTraining, scaffold_control_update, train_reference, train_vectorized
@@ -43,6 +44,10 @@ class ClientActor:
         uplink = scenario.compression.uplink
         self.codec = CODECS.build(uplink, self.layout.numels) if uplink.name != "none" else None
         self.feedback = ErrorFeedback(self.codec, self.layout.size) if self.codec and scenario.compression.error_feedback else None
+        downlink = scenario.compression.downlink
+        self.downlink = CODECS.build(downlink, self.layout.numels) if downlink.name != "none" else None
+        privacy = scenario.privacy
+        self.local_dp = privacy if privacy is not None and privacy.mode == "local" else None
         prep = scenario.fleet.data.preprocess
         loaded = store.read_sensors(fleet.train_path, np.asarray(sensor_ids))
         flipped = set()
@@ -99,6 +104,8 @@ class ClientActor:
         corrected by c − c_i, c_i is updated, and its change is returned.
         """
         seed = self.scenario.seed
+        if self.downlink is not None:  # the model arrives encoded
+            weights = tuple(self.downlink.decode(w) for w in weights)
         datasets = [self.data[int(sid)] for sid in sensor_ids]
         plans = [
             self.local.plan(len(y), stream(seed, TRAIN, int(sid), int(key)))
@@ -121,11 +128,16 @@ class ClientActor:
         else:
             result = trainer(self.model, self.layout, start, datasets, plans, self.local, lr=lr)
         prints = np.array([fingerprint(w) for w in weights], dtype=np.int64)
+        updates = result.updates
+        if self.local_dp is not None:  # clipped and noised on the sensor, before anything leaves it
+            p = self.local_dp
+            updates = np.stack([local_dp(u, p.clip_norm, p.noise_multiplier, stream(seed, PRIVACY, int(sid), int(key)))
+                                for sid, key, u in zip(sensor_ids, task_keys, updates)])
         if self.codec is not None:  # what goes on the wire; the coordinator decodes
             out["payloads"] = [self._encode(int(sid), int(key), update)
-                               for sid, key, update in zip(sensor_ids, task_keys, result.updates)]
+                               for sid, key, update in zip(sensor_ids, task_keys, updates)]
         else:
-            out["updates"] = result.updates
+            out["updates"] = updates
         out.update(
             num_samples=np.array([len(y) for _, y in datasets], dtype=np.int64),
             train_loss=result.train_loss,

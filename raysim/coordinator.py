@@ -32,8 +32,9 @@ from raysim.errors import AggregationError
 from raysim.fleet import FleetData, preprocess, store
 from raysim.metrics import RunRecorder, summarize
 from raysim.models import ParamLayout, build_model, init_weights
+from raysim.privacy import CentralDP, RunAccountant
 from raysim.scenario import Scenario
-from raysim.streams import ATTACK, COHORT, DISPATCH, stream
+from raysim.streams import ATTACK, COHORT, DISPATCH, PRIVACY, stream
 from raysim.attacks import attack_updates, choose_attackers
 from raysim.strategies import STRATEGIES, ServerContext, UpdateBatch
 from raysim.strategies.robust import AGGREGATORS, norm_clip
@@ -75,14 +76,25 @@ class Coordinator:
         self.aggregator = AGGREGATORS.build(aggregation.aggregator)
         self.optimizer = SERVER_OPTIMIZERS.build(aggregation.server_optimizer)
         self.scaffold = bool(self.strategy.client()["scaffold"])
-        uplink = scenario.compression.uplink
-        self.codec = CODECS.build(uplink, self.layout.numels) if uplink.name != "none" else None
-        # Bytes per transfer: the float32 model down and the encoded update up, each with SCAFFOLD's
+        compression = scenario.compression
+        self.codec = CODECS.build(compression.uplink, self.layout.numels) if compression.uplink.name != "none" else None
+        self.downlink = (CODECS.build(compression.downlink, self.layout.numels)
+                         if compression.downlink.name != "none" else None)
+        # Bytes per transfer: the (encoded) model down and the encoded update up, each with SCAFFOLD's
         # float32 control variate (or its change) when the strategy uses one.
         control_bytes = self.layout.num_bytes if self.scaffold else 0
         self.update_bytes = self.codec.payload_bytes if self.codec is not None else self.layout.num_bytes
-        self.bytes_down = self.layout.num_bytes + control_bytes
+        model_bytes = self.downlink.payload_bytes if self.downlink is not None else self.layout.num_bytes
+        self.bytes_down = model_bytes + control_bytes
         self.bytes_up = self.update_bytes + control_bytes
+        # Raw float32 bytes per byte actually sent, each way.
+        self.compression = {"uplink": (self.layout.num_bytes + control_bytes) / self.bytes_up,
+                            "downlink": (self.layout.num_bytes + control_bytes) / self.bytes_down}
+        privacy = scenario.privacy
+        self.central_dp = (CentralDP(privacy, scenario.expected_cohort())
+                           if privacy is not None and privacy.mode == "central" else None)
+        self.accountant = RunAccountant(privacy, len(self.profiles)) if privacy is not None else None
+        self.stopped_for_budget: int | None = None  # the step the privacy budget did not allow
         self.clock_inputs = dict(seed=scenario.seed, bytes_down=self.bytes_down, bytes_up=self.bytes_up,
                                  epochs=scenario.training.local_epochs, availability=availability)
         self.malicious = (choose_attackers(scenario.seed, self.profiles.sensor_id, scenario.attack.fraction)
@@ -102,9 +114,30 @@ class Coordinator:
         """Start the wall clock of the run's throughput figures (called once every client actor is ready)."""
         self.wall_started = time.perf_counter()
 
-    def step(self) -> dict[str, Any]:
-        """One synchronous round or one asynchronous server step; returns its metrics row."""
-        return self.loop.step()
+    def step(self) -> dict[str, Any] | None:
+        """One synchronous round or one asynchronous server step; returns its metrics row.
+
+        None means the run is over: the step would have spent more privacy than
+        ``privacy.target_epsilon`` allows (with ``on_budget: stop``), so it did not happen.
+        """
+        if self.stopped_for_budget is not None:
+            return None
+        row = self.loop.step()
+        if row is None:
+            self.stopped_for_budget = self.step_index + 1
+        return row
+
+    # ------------------------------------------------------------------ privacy
+
+    def privacy_allows(self, positions: np.ndarray, sample_rate: float) -> bool:
+        """Whether the privacy budget lets ``positions`` release updates in the coming step."""
+        return self.accountant is None or self.accountant.allows(positions, sample_rate)
+
+    def charge_privacy(self, positions: np.ndarray, sample_rate: float, step: int) -> float:
+        """Record the step's releases; ε spent so far (NaN for a run without privacy)."""
+        if self.accountant is None:
+            return float("nan")
+        return self.accountant.charge(positions, sample_rate, step)
 
     # ------------------------------------------------------------------ shared by both loops
 
@@ -119,10 +152,12 @@ class Coordinator:
         gives the results in input order; until then the coordinator is free.
         """
         needed = sorted(set(versions.tolist()))
-        refs = [ray.put(weights[v]) for v in needed]
+        sent = {v: self._downlink_payload(weights[v]) for v in needed}
+        refs = [ray.put(sent[v]) for v in needed]
         for v in needed:
-            if v not in self.fingerprints:
-                self.fingerprints[v] = fingerprint(weights[v])
+            if v not in self.fingerprints:  # of the weights the sensors get, which they report back
+                received = self.downlink.decode(sent[v]) if self.downlink is not None else weights[v]
+                self.fingerprints[v] = fingerprint(received)
         slot = {v: i for i, v in enumerate(needed)}
         version_slots = np.array([slot[v] for v in versions.tolist()], dtype=np.int64)
         lr = self.lr_at(versions)
@@ -140,6 +175,10 @@ class Coordinator:
                 )
             )
         return _Training(calls, rows, len(positions), self.codec)
+
+    def _downlink_payload(self, weights: np.ndarray) -> np.ndarray | bytes:
+        """What goes down to the sensors: the weights, or their encoding (downlink codecs draw nothing)."""
+        return self.downlink.encode(weights, np.random.default_rng(0)) if self.downlink is not None else weights
 
     def lr_at(self, versions: np.ndarray) -> np.ndarray:
         """Local learning rate of tasks training from these model versions (version v is round v + 1's)."""
@@ -175,13 +214,19 @@ class Coordinator:
             base_weights=base_weights[valid] if base_weights is not None else None,
             controls=trained["controls"][valid] if "controls" in trained else None,
         )
-        step = self.strategy.pseudo_gradient(self.weights, batch, self._combine)
+        combine = self._combine if self.central_dp is None else self._private_combine(step_key)
+        step = self.strategy.pseudo_gradient(self.weights, batch, combine)
         self.weights = self.optimizer.apply(self.weights, step)
         return reasons.astype(str)
 
     def _combine(self, updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
         clip = self.scenario.aggregation.clip_norm
         return self.aggregator.aggregate(norm_clip(updates, clip) if clip is not None else updates, weights)
+
+    def _private_combine(self, step_key: int):
+        """Central DP-FedAvg's combine for one step: uniform weights, clip, sum, noise, ÷ m (weights ignored)."""
+        rng = stream(self.scenario.seed, PRIVACY, step_key)
+        return lambda updates, weights: self.central_dp.aggregate(updates, rng)
 
     def plan(self, positions: np.ndarray, task_keys: np.ndarray | int, dispatched_at: float) -> TaskPlan:
         return plan_tasks(self.profiles.take(positions), task_keys=task_keys, dispatched_at=dispatched_at,
@@ -209,6 +254,9 @@ class Coordinator:
             loss=float(loss),
             cumulative_bytes_up=self.totals["bytes_up"],
             cumulative_bytes_down=self.totals["bytes_down"],
+            uplink_compression=self.compression["uplink"],
+            downlink_compression=self.compression["downlink"],
+            dp_clip_norm=self.central_dp.clip_norm if self.central_dp is not None else float("nan"),
             updates_per_s=self.totals["updates_applied"] / wall if wall > 0 else 0.0,
         )
         self.recorder.record_round(row, events, staleness)
@@ -252,12 +300,36 @@ class Coordinator:
         checkpoints.mkdir(exist_ok=True)
         server_state = {f"optimizer.{k}": v for k, v in self.optimizer.state_dict().items()}
         server_state.update({f"strategy.{k}": v for k, v in self.strategy.state_dict().items()})
+        if self.central_dp is not None:
+            server_state.update({f"privacy.{k}": v for k, v in self.central_dp.state_dict().items()})
+        if self.accountant is not None:
+            server_state.update({f"accountant.{k}": v for k, v in self.accountant.state_dict().items()})
         np.savez(checkpoints / "final.npz", weights=self.weights, round=self.step_index,
                  virtual_time_s=self.virtual_time_s, **server_state)
         summary = summarize(self.recorder.metrics_table(), self.scenario.logging.target_accuracy)
-        # Raw float32 update bytes per encoded byte on the uplink (SCAFFOLD's control travels raw).
-        summary["uplink_compression"] = self.layout.num_bytes / self.update_bytes
+        # Raw float32 bytes per byte sent (SCAFFOLD's control travels raw).
+        summary["uplink_compression"] = self.compression["uplink"]
+        summary["downlink_compression"] = self.compression["downlink"]
+        if self.accountant is not None:
+            summary["privacy"] = self._privacy_summary()
         return {"summary": summary, "weights": self.weights}
+
+    def _privacy_summary(self) -> dict[str, Any]:
+        config = self.scenario.privacy
+        return {
+            "mode": config.mode,
+            "epsilon": self.accountant.spent,
+            "delta": config.delta,
+            "noise_multiplier": config.noise_multiplier,
+            "update_noise_multiplier": (self.central_dp.update_noise_multiplier if self.central_dp is not None
+                                        else config.noise_multiplier),
+            "clip_norm": self.central_dp.clip_norm if self.central_dp is not None else config.clip_norm,
+            "adaptive_clipping": config.adaptive is not None,
+            "target_epsilon": config.target_epsilon,
+            "on_budget": config.on_budget,
+            "stopped_before_round": self.stopped_for_budget,  # on_budget stop: the round that would have exceeded it
+            "exceeded_at_round": self.accountant.over_budget_at,  # on_budget warn: the first round past it
+        }
 
 
 class _Training:
@@ -315,7 +387,7 @@ class SyncRounds:
         self.c = coordinator
         self.all_positions = np.arange(len(coordinator.profiles))
 
-    def step(self) -> dict[str, Any]:
+    def step(self) -> dict[str, Any] | None:
         c = self.c
         scenario = c.scenario
         policy = scenario.aggregation.stragglers
@@ -328,6 +400,9 @@ class SyncRounds:
             return self._idle_round(round_index, start)
         chosen = np.sort(stream(scenario.seed, COHORT, round_index).choice(online, min(wanted, len(online)),
                                                                            replace=False))
+        sample_rate = len(chosen) / len(online)  # each online sensor's chance of selection; offline ones have none
+        if not c.privacy_allows(chosen, sample_rate):
+            return None
         plan = c.plan(chosen, round_index, start)
         outcome = plan.outcome.astype(object)
         delivered = outcome == APPLIED
@@ -375,6 +450,7 @@ class SyncRounds:
             "staleness_mean": 0.0,
             "staleness_max": 0,
             "concurrency": len(chosen),
+            "epsilon": c.charge_privacy(chosen, sample_rate, round_index),
         }
         return c.record(row, events)
 
@@ -391,7 +467,8 @@ class SyncRounds:
                              staleness=nobody, trained=None, trained_mask=np.zeros(0, bool))
         row = {"round": round_index, "round_duration_s": back - start, "status": "idle",
                **_task_figures(empty, plan, np.zeros(0, bool)),
-               "staleness_mean": 0.0, "staleness_max": 0, "concurrency": 0}
+               "staleness_mean": 0.0, "staleness_max": 0, "concurrency": 0,
+               "epsilon": c.charge_privacy(nobody, 1.0, round_index)}
         return c.record(row, empty)
 
 
@@ -599,7 +676,7 @@ class AsyncSteps:
         for row, task in enumerate(tasks):
             task.training, task.row = training, row
 
-    def step(self) -> dict[str, Any]:
+    def step(self) -> dict[str, Any] | None:
         """Apply the next simulated server step to the model, and record it.
 
         The schedule of the step after it is simulated first, while the client
@@ -609,6 +686,8 @@ class AsyncSteps:
         if self.version + 1 < c.scenario.training.rounds:
             self._simulate_step()
         step = self.simulated.pop(0)
+        if not c.privacy_allows(np.array([t.position for t in step.ended], dtype=np.int64), 1.0):
+            return None
         for task in step.buffer:
             task.collect()
         staleness = np.array(step.buffer_staleness, dtype=np.int64)
@@ -661,6 +740,7 @@ class AsyncSteps:
             "staleness_mean": float(applied_staleness.mean()) if len(applied_staleness) else float("nan"),
             "staleness_max": int(applied_staleness.max()) if len(applied_staleness) else 0,
             "concurrency": step.in_flight,
+            "epsilon": c.charge_privacy(positions, 1.0, step.version),
         }
         self.last_step_time = step.time_s
         return c.record(row, events, applied_staleness)

@@ -25,3 +25,7 @@ class ClusterError(RaysimError):
 
 class AggregationError(RaysimError):
     """A strategy cannot aggregate the updates it was given."""
+
+
+class RaysimWarning(UserWarning):
+    """Something the user asked for happened, but not as they would want (e.g. a privacy budget exceeded)."""

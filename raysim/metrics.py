@@ -45,6 +45,10 @@ METRICS_SCHEMA = pa.schema(
         ("bytes_down", pa.int64()),
         ("cumulative_bytes_up", pa.int64()),
         ("cumulative_bytes_down", pa.int64()),
+        ("uplink_compression", pa.float64()),  # raw float32 bytes per byte sent, sensor → coordinator
+        ("downlink_compression", pa.float64()),  # the same, coordinator → sensor
+        ("epsilon", pa.float64()),  # privacy spent so far, at the scenario's δ (NaN without privacy)
+        ("dp_clip_norm", pa.float64()),  # central DP: the clipping bound for the next round (NaN otherwise)
         ("updates_per_s", pa.float64()),
     ]
 )
@@ -93,8 +97,15 @@ TB_BY_ROUND = {
     "bytes_down": "bytes_down",
     "virtual_time_s": "virtual_time_s",
     "updates_per_s": "throughput/updates_per_s",
+    "cumulative_bytes_up": "communication/cumulative_bytes_up",
+    "cumulative_bytes_down": "communication/cumulative_bytes_down",
+    "uplink_compression": "communication/uplink_compression",
+    "downlink_compression": "communication/downlink_compression",
+    "epsilon": "privacy/epsilon",
+    "dp_clip_norm": "privacy/clip_norm",
 }
 TB_BY_VIRTUAL_TIME = {"accuracy": "by_virtual_time_ms/accuracy", "loss": "by_virtual_time_ms/loss"}
+TB_BY_BYTES = {"accuracy": "by_bytes_up/accuracy"}  # step: cumulative uplink bytes
 
 
 class RunRecorder:
@@ -119,6 +130,7 @@ class RunRecorder:
             by_round.append(self.tb.integer_histogram("round/staleness", staleness))
         self.tb.write(int(row["round"]), by_round)
         self.tb.write(int(round(row["virtual_time_s"] * 1000)), self.tb.scalars(row, TB_BY_VIRTUAL_TIME))
+        self.tb.write(int(row["cumulative_bytes_up"]), self.tb.scalars(row, TB_BY_BYTES))
 
     def metrics_table(self) -> pa.Table:
         return pa.Table.from_pylist(self.metrics, schema=METRICS_SCHEMA)

@@ -292,3 +292,104 @@ class PrivacyLedger:
     def _epsilon(self, rounds: dict[tuple[float, float], int]) -> float:
         spent = [count * _rdp_per_round(q, z) for (q, z), count in rounds.items() if count > 0]
         return _epsilon_from_rdp(sum(spent), self.delta) if spent else 0.0
+
+
+class CentralDP:
+    """The server side of central DP-FedAvg for one run: clip, sum, noise, divide by m; adaptive C.
+
+    ``aggregate`` is the coordinator's combine step in DP mode. Sensor weights
+    are ignored (uniform, as DP-FedAvg's sensitivity bound needs), and the
+    noise multiplier on the sum is z, or z_Δ (:func:`effective_noise_multiplier`)
+    when adaptive clipping also spends privacy on the unclipped count. With
+    adaptive clipping, C moves after every aggregate from the same round's
+    norms, so the next round clips at the new bound.
+    """
+
+    def __init__(self, config: Privacy, expected_cohort: int) -> None:
+        if config.mode != "central":
+            raise ValueError(f"CentralDP needs privacy mode central, got {config.mode}")
+        self.config = config
+        self.expected_cohort = int(expected_cohort)
+        self.update_noise_multiplier = config.update_noise_multiplier(self.expected_cohort)
+        self.adaptive = AdaptiveClip(config.adaptive, config.clip_norm) if config.adaptive is not None else None
+        self._clip_norm = float(config.clip_norm)
+
+    @property
+    def clip_norm(self) -> float:
+        """The bound the next aggregate clips to."""
+        return self.adaptive.clip_norm if self.adaptive is not None else self._clip_norm
+
+    @property
+    def noise_std(self) -> float:
+        """Standard deviation of the noise on each coordinate of the next aggregate: z_Δ·C/m."""
+        return self.update_noise_multiplier * self.clip_norm / self.expected_cohort
+
+    def aggregate(self, updates: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """(Σ_i clip(Δ_i, C) + N(0, (z_Δ·C)² I)) / m, then the adaptive step of C (noise drawn from ``rng``)."""
+        bound = self.clip_norm
+        mean = central_dp_mean(updates, bound, self.update_noise_multiplier, self.expected_cohort, rng)
+        if self.adaptive is not None:
+            unclipped = int((row_norms(updates) <= bound).sum())
+            self.adaptive.update(unclipped, len(updates), self.expected_cohort, rng)
+        return mean
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {"clip_norm": np.float64(self.clip_norm)}
+
+
+class RunAccountant:
+    """Privacy spent by a run, charged as sensors release updates, with the budget check before each release.
+
+    Central mode charges every round that samples a cohort with the sampling
+    rate q of that round (sensors selected / sensors eligible) and noise
+    multiplier z, through :class:`PrivacyLedger`. Local mode has no sampling
+    amplification (the server sees each noisy update): a sensor's ε is
+    :func:`epsilon` with q = 1 over its own releases, and the run reports the
+    worst sensor's. Every selected sensor counts as released, whether or not
+    its update was used: an upper bound, never an underestimate.
+    """
+
+    def __init__(self, config: Privacy, fleet_size: int) -> None:
+        self.config = config
+        self.ledger = PrivacyLedger(config.delta) if config.mode == "central" else None
+        self.releases = np.zeros(fleet_size, dtype=np.int64) if config.mode == "local" else None
+        self.spent = 0.0
+        self.over_budget_at: int | None = None  # first step whose ε exceeded target_epsilon (on_budget warn)
+
+    def epsilon_after(self, positions: np.ndarray, sample_rate: float) -> float:
+        """ε the run would have spent once ``positions`` release an update at sampling rate ``sample_rate``."""
+        z = self.config.noise_multiplier
+        if self.ledger is not None:
+            return self.ledger.epsilon_after(sample_rate, z)
+        worst = int(self._with(positions).max(initial=0))
+        return epsilon(1.0, z, worst, self.config.delta)
+
+    def allows(self, positions: np.ndarray, sample_rate: float) -> bool:
+        """Whether the budget lets these releases happen (always, without a target or with on_budget warn)."""
+        target = self.config.target_epsilon
+        if target is None or self.config.on_budget == "warn" or len(positions) == 0:
+            return True
+        return self.epsilon_after(positions, sample_rate) <= target
+
+    def charge(self, positions: np.ndarray, sample_rate: float, step: int) -> float:
+        """Record the releases of step ``step``; return ε spent so far."""
+        if len(positions) == 0:
+            return self.spent
+        if self.ledger is not None:
+            self.spent = self.ledger.step(sample_rate, self.config.noise_multiplier)
+        else:
+            self.releases = self._with(positions)
+            self.spent = epsilon(1.0, self.config.noise_multiplier, int(self.releases.max()), self.config.delta)
+        target = self.config.target_epsilon
+        if target is not None and self.spent > target and self.over_budget_at is None:
+            self.over_budget_at = step
+        return self.spent
+
+    def _with(self, positions: np.ndarray) -> np.ndarray:
+        return self.releases + np.bincount(np.asarray(positions, dtype=np.int64), minlength=len(self.releases))
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        if self.ledger is not None:
+            history = self.ledger.history
+            return {"rounds": np.array([[q, z, n] for (q, z), n in history.items()], dtype=np.float64).reshape(-1, 3)}
+        return {"releases": self.releases.copy()}

@@ -32,6 +32,7 @@ from raysim.errors import ScenarioError
 from raysim.models import MODELS
 from raysim.attacks import Attack
 from raysim.compression import CODECS
+from raysim.privacy import Privacy
 from raysim.strategies import STRATEGIES
 from raysim.strategies.robust import AGGREGATORS
 from raysim.strategies.server_optimizers import SERVER_OPTIMIZERS
@@ -315,11 +316,28 @@ class Compression(Frozen):
 
     uplink: CODECS.config_union() = Field(default_factory=lambda: CODECS.entry("none").config())  # type: ignore[valid-type]
     error_feedback: bool = False  # keep what each sensor's codec dropped and add it to its next update
+    # How the coordinator encodes the global model for the downlink: none, fp16 or int8 (deterministic).
+    downlink: CODECS.config_union() = Field(default_factory=lambda: CODECS.entry("none").config())  # type: ignore[valid-type]
 
     @model_validator(mode="before")
     @classmethod
     def _codec_name(cls, raw: Any) -> Any:
-        return _default_tag(raw, "uplink", "name", "none")
+        raw = _default_tag(raw, "uplink", "name", "none")
+        return _default_tag(raw, "downlink", "name", "none")
+
+    @model_validator(mode="after")
+    def _downlink_codec(self) -> "Compression":
+        name = self.downlink.name
+        if name not in DOWNLINK_CODECS or getattr(self.downlink, "stochastic", False):
+            raise ValueError(f"downlink codec {name}{' (stochastic)' if name == 'int8' else ''} is not available: "
+                             f"the downlink carries the model itself, which every sensor must receive alike, so it "
+                             f"takes a deterministic dense codec: {', '.join(DOWNLINK_CODECS)}")
+        if self.error_feedback and self.uplink.name == "none":
+            raise ValueError("error_feedback needs a lossy uplink codec; with uplink none nothing is dropped")
+        return self
+
+
+DOWNLINK_CODECS = ("none", "fp16", "int8")
 
 
 class ClusterSection(Frozen):
@@ -342,6 +360,38 @@ class Logging(Frozen):
     progress: bool = True  # live progress bar on the terminal
 
 
+# Strategies whose server step is one (uniformly weighted) mean of the deltas, which DP-FedAvg's noise calibrates to.
+CENTRAL_DP_STRATEGIES = ("fedavg", "fedprox")
+
+
+def _privacy_fits(privacy: Privacy, aggregation: Aggregation) -> None:
+    """The aggregation settings central or local DP can account for; ValueError naming the conflict."""
+    if aggregation.strategy.name == "scaffold":
+        raise ValueError("cannot be combined with strategy scaffold: its control variates leave the "
+                         "sensors without clipping or noise")
+    if privacy.mode == "local":
+        return
+    needs = "central DP (DP-FedAvg) needs"
+    if aggregation.mode != "sync":
+        raise ValueError(f"{needs} mode sync: its accounting treats each round as a subsampled Gaussian mechanism, "
+                         f"which asynchronous arrivals are not (use privacy.mode local with async aggregation)")
+    if aggregation.strategy.name not in CENTRAL_DP_STRATEGIES:
+        raise ValueError(f"{needs} strategy {' or '.join(CENTRAL_DP_STRATEGIES)}, not {aggregation.strategy.name}: "
+                         f"its noise is calibrated to one mean of clipped updates")
+    if aggregation.aggregator.name != "mean":
+        raise ValueError(f"{needs} aggregator mean, not {aggregation.aggregator.name}: the noise is calibrated to "
+                         f"a sum of clipped updates (use privacy.mode local with robust aggregators)")
+    if aggregation.clip_norm is not None:
+        raise ValueError("set the clipping bound in privacy.clip_norm, not aggregation.clip_norm, with central DP")
+    if aggregation.validation.filters:
+        raise ValueError(f"{needs} no validation filters: an update's rejection would depend on the others' "
+                         f"updates, which the sensitivity bound does not allow")
+    try:
+        privacy.update_noise_multiplier(aggregation.cohort)
+    except ValueError as exc:
+        raise ValueError(f"adaptive: {exc}") from None
+
+
 class Scenario(Frozen):
     """A whole run, typed and frozen; ``load_scenario`` is the way to make one."""
 
@@ -353,6 +403,7 @@ class Scenario(Frozen):
     aggregation: Aggregation = Aggregation()
     compression: Compression = Compression()
     attack: Optional[Attack] = None  # a seeded share of the fleet is malicious
+    privacy: Optional[Privacy] = None  # differential privacy (DP-FedAvg central, or local noise); None = off
     cluster: ClusterSection = ClusterSection()
     logging: Logging = Logging()
 
@@ -377,6 +428,11 @@ class Scenario(Frozen):
             raise ValueError(
                 f"aggregation.cohort ({self.aggregation.cohort}) is larger than fleet.sensors ({self.fleet.sensors})"
             )
+        if self.privacy is not None:
+            try:
+                _privacy_fits(self.privacy, self.aggregation)
+            except ValueError as exc:
+                raise ValueError(f"privacy: {exc}") from None
         c = self.cluster
         if c.client_actors != "auto" and c.sensors_per_actor != "auto":
             if c.client_actors * c.sensors_per_actor < self.fleet.sensors:
@@ -385,6 +441,12 @@ class Scenario(Frozen):
                     f"cannot host fleet.sensors = {self.fleet.sensors}"
                 )
         return self
+
+    def expected_cohort(self) -> int:
+        """m: updates one sync round (or async server step) aggregates when every sensor delivers."""
+        if self.aggregation.mode == "sync":
+            return self.aggregation.cohort
+        return max(getattr(self.aggregation.strategy, "buffer_size", 1), 1)
 
     def resolve_path(self, path: str) -> Path:
         p = Path(path).expanduser()

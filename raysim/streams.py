@@ -19,6 +19,7 @@ PROFILE = 0x9F0F  # per sensor: speed and bandwidth drawn from the tier
 AVAILABILITY = 0xA7A1  # per sensor and block: the on/off process
 ATTACK = 0xA77C  # which sensors are malicious, and the noise they send
 COMPRESS = 0xC0DE  # per sensor and task: a codec's stochastic rounding or random coordinates
+PRIVACY = 0xD1FF  # central: per round, the server's noise; local: per sensor and task, the sensor's noise
 
 
 def stream(seed: int, purpose: int, *keys: int) -> np.random.Generator:

@@ -14,8 +14,10 @@ from raysim.errors import AggregationError
 from raysim.privacy import (
     AdaptiveClip,
     AdaptiveClipping,
+    CentralDP,
     Privacy,
     PrivacyLedger,
+    RunAccountant,
     central_dp_mean,
     clip_updates,
     effective_noise_multiplier,
@@ -324,3 +326,75 @@ def test_config_is_frozen():
     config = Privacy(noise_multiplier=1.0, clip_norm=1.0)
     with pytest.raises(pydantic.ValidationError):
         config.noise_multiplier = 0.0  # type: ignore[misc]
+
+
+# --- a run's server-side DP and accountant ----------------------------------------------------------------------
+
+
+def test_central_dp_ignores_weights_and_noises_the_mean_with_z_s_over_m():
+    config = Privacy(noise_multiplier=1.5, clip_norm=2.0)
+    dp = CentralDP(config, expected_cohort=40)
+    assert dp.noise_std == pytest.approx(1.5 * 2.0 / 40)
+    noisy = dp.aggregate(np.zeros((25, 100_000), dtype=np.float32), np.random.default_rng(0))
+    assert noisy.std() == pytest.approx(dp.noise_std, rel=0.02)
+    assert dp.clip_norm == 2.0  # fixed clipping never moves
+
+
+def test_central_dp_with_adaptive_clipping_clips_at_the_old_bound_then_moves_it():
+    config = Privacy(noise_multiplier=0.0, clip_norm=1.0,
+                     adaptive=AdaptiveClipping(target_quantile=0.5, clip_lr=0.2, count_noise=0.0))
+    dp = CentralDP(config, expected_cohort=4)
+    updates = np.array([[3.0, 4.0], [0.3, 0.4], [0.0, 0.5], [6.0, 8.0]], dtype=np.float32)  # norms 5, .5, .5, 10
+    mean = dp.aggregate(updates, np.random.default_rng(0))
+    np.testing.assert_allclose(mean, reference_clip(updates, 1.0).sum(axis=0) / 4, rtol=1e-6)
+    # Two of four unclipped: b = 0.5 = γ, so C stays; then all four under the bound: C shrinks by exp(−0.2·0.5).
+    assert dp.clip_norm == pytest.approx(1.0)
+    dp.aggregate(updates * 0.01, np.random.default_rng(0))
+    assert dp.clip_norm == pytest.approx(math.exp(-0.2 * 0.5))
+    assert dp.state_dict()["clip_norm"] == pytest.approx(dp.clip_norm)
+
+
+def test_central_dp_noise_multiplier_on_the_updates_pays_for_the_count_under_adaptive_clipping():
+    config = Privacy(noise_multiplier=1.0, clip_norm=1.0, adaptive=AdaptiveClipping(count_noise=2.0))
+    dp = CentralDP(config, expected_cohort=50)
+    assert dp.update_noise_multiplier == pytest.approx(effective_noise_multiplier(1.0, 2.0, 50))
+    assert dp.update_noise_multiplier > 1.0
+
+
+def test_central_accountant_charges_each_round_at_its_sampling_rate():
+    config = Privacy(noise_multiplier=1.1, clip_norm=1.0)
+    accountant = RunAccountant(config, fleet_size=100)
+    rates = [0.1, 0.1, 0.2, 0.1]
+    for step, rate in enumerate(rates, start=1):
+        spent = accountant.charge(np.arange(10), rate, step)
+        expected = opacus_epsilon([(q, 1.1, 1) for q in rates[:step]], 1e-5)
+        assert spent == pytest.approx(expected, rel=1e-9)
+    assert accountant.charge(np.zeros(0, np.int64), 0.1, 5) == spent  # nobody released anything
+    np.testing.assert_array_equal(accountant.state_dict()["rounds"], [[0.1, 1.1, 3], [0.2, 1.1, 1]])
+
+
+def test_budget_stops_before_the_round_that_would_exceed_it_and_warn_only_records_it():
+    first, second = (opacus_epsilon([(0.1, 1.1, k)], 1e-5) for k in (1, 2))
+    target = (first + second) / 2
+    stop = RunAccountant(Privacy(noise_multiplier=1.1, clip_norm=1.0, target_epsilon=target), 100)
+    warn = RunAccountant(Privacy(noise_multiplier=1.1, clip_norm=1.0, target_epsilon=target, on_budget="warn"), 100)
+    cohort = np.arange(10)
+    for accountant in (stop, warn):
+        assert accountant.allows(cohort, 0.1)
+        accountant.charge(cohort, 0.1, 1)
+    assert not stop.allows(cohort, 0.1) and stop.allows(np.zeros(0, np.int64), 0.1)
+    assert warn.allows(cohort, 0.1)
+    warn.charge(cohort, 0.1, 2)
+    assert warn.spent == pytest.approx(second) and warn.over_budget_at == 2 and stop.over_budget_at is None
+
+
+def test_local_accountant_reports_the_sensor_with_the_most_releases_without_amplification():
+    config = Privacy(mode="local", noise_multiplier=2.0, clip_norm=1.0)
+    accountant = RunAccountant(config, fleet_size=5)
+    accountant.charge(np.array([0, 1]), 0.4, 1)
+    assert accountant.spent == pytest.approx(opacus_epsilon([(1.0, 2.0, 1)], 1e-5), rel=1e-9)
+    # Sensor 1 releases twice in one step (two short tasks): three releases in all.
+    assert accountant.epsilon_after(np.array([1, 1, 2]), 0.4) == pytest.approx(epsilon(1.0, 2.0, 3, 1e-5))
+    accountant.charge(np.array([1, 1, 2]), 0.4, 2)
+    np.testing.assert_array_equal(accountant.state_dict()["releases"], [1, 3, 1, 0, 0])
+    assert accountant.spent == pytest.approx(opacus_epsilon([(1.0, 2.0, 3)], 1e-5), rel=1e-9)

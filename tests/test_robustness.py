@@ -118,25 +118,38 @@ def test_norm_filter_rejects_boosted_updates_and_tensorboard_counts_them(ray_ses
     assert counts == run.metrics.column("updates_rejected").to_pylist()
 
 
-def test_uplink_codec_sets_the_bytes_and_upload_time_on_the_clock(ray_session, tmp_path):
-    """int8 sends 8 bytes per parameter tensor plus one per weight, and the clock charges exactly that."""
+def test_codecs_set_the_bytes_and_transfer_times_on_the_clock_both_ways(ray_session, tmp_path):
+    """int8 up sends 8 bytes per parameter tensor plus one per weight, fp16 down two per weight; the clock charges that."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     from raysim.models import ParamLayout, build_model
 
     plain = raysim.run(scenario(), out_dir=tmp_path / "plain")
-    int8 = raysim.run(scenario(**{"compression.uplink": {"name": "int8"}}), out_dir=tmp_path / "int8")
+    coded = raysim.run(scenario(**{"compression.uplink": {"name": "int8"}, "compression.downlink": {"name": "fp16"}}),
+                       out_dir=tmp_path / "coded")
     s = scenario()
     fleet = prepare_fleet(s, default_cache_dir())
     layout = ParamLayout.of(build_model(s.model, fleet.channels, fleet.window, fleet.classes))
-    expected = 8 * len(layout.numels) + layout.size
-    a, b = events_of(plain), events_of(int8)
+    expected_up = 8 * len(layout.numels) + layout.size
+    a, b = events_of(plain), events_of(coded)
     delivered = b[b.outcome == "applied"]
-    assert (delivered.bytes_up == expected).all() and (a[a.outcome == "applied"].bytes_up == 4 * layout.size).all()
-    # Same seed, same round-1 tasks: only the upload got shorter.
+    assert (delivered.bytes_up == expected_up).all() and (a[a.outcome == "applied"].bytes_up == 4 * layout.size).all()
+    assert (delivered.bytes_down == 2 * layout.size).all() and (a[a.outcome == "applied"].bytes_down == 4 * layout.size).all()
+    # Same seed, same round-1 tasks: both transfers got shorter.
     first_a, first_b = a[a["round"] == 1].set_index("sensor"), b[b["round"] == 1].set_index("sensor")
-    assert (first_b.upload_s < first_a.upload_s).all()
-    np.testing.assert_array_equal(first_b.download_s, first_a.download_s)
-    assert int8.summary["uplink_compression"] == pytest.approx(4 * layout.size / expected)
-    assert np.isfinite(int8.global_weights).all() and not np.array_equal(int8.global_weights, plain.global_weights)
+    assert (first_b.upload_s < first_a.upload_s).all() and (first_b.download_s < first_a.download_s).all()
+    # Sensors trained from the decoded fp16 model and said so: its fingerprint is the one the coordinator expects.
+    assert coded.summary["updates_rejected"] == 0 and coded.summary["updates_applied"] == plain.summary["updates_applied"]
+    assert coded.summary["uplink_compression"] == pytest.approx(4 * layout.size / expected_up)
+    assert coded.summary["downlink_compression"] == pytest.approx(2.0)
+    assert coded.metrics.column("uplink_compression").to_pylist() == [coded.summary["uplink_compression"]] * 3
+    assert plain.metrics.column("downlink_compression").to_pylist() == [1.0] * 3
+    assert np.isfinite(coded.global_weights).all() and not np.array_equal(coded.global_weights, plain.global_weights)
+    board = EventAccumulator(str(coded.run_dir / "tb")).Reload()
+    assert [e.value for e in board.Scalars("round/communication/cumulative_bytes_up")] == pytest.approx(
+        coded.metrics.column("cumulative_bytes_up").to_pylist())
+    by_bytes = board.Scalars("by_bytes_up/accuracy")
+    assert [e.step for e in by_bytes] == coded.metrics.column("cumulative_bytes_up").to_pylist()
 
 
 def test_a_codec_keeping_more_coordinates_than_the_model_has_is_a_scenario_error(tmp_path):
