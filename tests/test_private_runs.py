@@ -69,7 +69,8 @@ def test_central_dp_noise_on_the_model_has_std_z_s_over_m(one_round):
     assert abs(noise.mean()) < 5 * expected / np.sqrt(noise.size)
 
 
-def test_epsilon_follows_opacus_round_by_round_and_the_run_stops_at_the_budget(ray_session, tmp_path):
+def test_epsilon_follows_opacus_round_by_round_and_the_run_stops_at_the_budget(ray_session, tmp_path, capsys,
+                                                                               monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     z, delta = 1.2, 1e-4
@@ -88,6 +89,14 @@ def test_epsilon_follows_opacus_round_by_round_and_the_run_stops_at_the_budget(r
     board = EventAccumulator(str(run.run_dir / "tb")).Reload()
     assert [e.value for e in board.Scalars("round/privacy/epsilon")] == pytest.approx(spent, rel=1e-6)
     assert (run.run_dir / "checkpoints" / "final.npz").exists()
+    # The report shows ε per round and why the run ended.
+    from raysim.cli import main
+
+    monkeypatch.setenv("COLUMNS", "200")
+    capsys.readouterr()
+    assert main(["report", str(run.run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "stopped before round 5" in out and f"{spent[-1]:.3g}" in out and "ε" in out
 
 
 def test_adaptive_clipping_moves_the_bound_every_round_and_records_it(ray_session, tmp_path):
@@ -140,3 +149,10 @@ def test_a_budget_smaller_than_one_round_is_refused_before_anything_starts(tmp_p
     err = capsys.readouterr().err
     assert "tight.yaml" in err and "privacy.target_epsilon" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_cli_prints_raysim_warnings_as_one_line(capsys):
+    from raysim.cli import _show_warning
+
+    _show_warning(raysim.RaysimWarning("budget spent"), raysim.RaysimWarning, "api.py", 1)
+    assert capsys.readouterr().err == "raysim: warning: budget spent\n"
