@@ -294,7 +294,15 @@ class Coordinator:
         }
 
     def finish(self) -> dict[str, Any]:
-        """Write the outputs and return the summary and the final global weights."""
+        """Write the outputs and return the summary and the final global weights.
+
+        A run that ended early (the privacy budget) evaluates its final model
+        here if its last step was not an evaluation step.
+        """
+        last = self.recorder.metrics[-1] if self.recorder.metrics else None
+        if last is not None and math.isnan(last["accuracy"]):
+            accuracy, loss = evaluate(self.model, self.layout, self.weights, self.test_x, self.test_y)
+            self.recorder.amend_last(accuracy=float(accuracy), loss=float(loss))
         self.recorder.close()
         checkpoints = self.run_dir / "checkpoints"
         checkpoints.mkdir(exist_ok=True)

@@ -123,14 +123,27 @@ class RunRecorder:
         """Add one round's (or async step's) row and task events; ``staleness`` of the applied updates."""
         self.metrics.append(row)
         self.events.append(pa.RecordBatch.from_pydict(events, schema=EVENTS_SCHEMA))
-        if self.tb is None:
-            return
-        by_round = self.tb.scalars(row, {column: f"round/{tag}" for column, tag in TB_BY_ROUND.items()})
+        if self.tb is not None:
+            self._board(row, staleness=staleness)
+
+    def amend_last(self, **values: Any) -> None:
+        """Fill in columns of the last row (e.g. the final evaluation of a run that stopped early), TensorBoard too."""
+        row = self.metrics[-1]
+        row.update(values)
+        if self.tb is not None:
+            self._board(row, only=set(values))
+
+    def _board(self, row: dict[str, Any], staleness: np.ndarray | None = None, only: set[str] | None = None) -> None:
+        """Write the row's TensorBoard values (just the columns in ``only``, if given)."""
+        def pick(tags: dict[str, str], prefix: str = "") -> dict[str, str]:
+            return {column: prefix + tag for column, tag in tags.items() if only is None or column in only}
+
+        by_round = self.tb.scalars(row, pick(TB_BY_ROUND, "round/"))
         if staleness is not None and len(staleness):
             by_round.append(self.tb.integer_histogram("round/staleness", staleness))
         self.tb.write(int(row["round"]), by_round)
-        self.tb.write(int(round(row["virtual_time_s"] * 1000)), self.tb.scalars(row, TB_BY_VIRTUAL_TIME))
-        self.tb.write(int(row["cumulative_bytes_up"]), self.tb.scalars(row, TB_BY_BYTES))
+        self.tb.write(int(round(row["virtual_time_s"] * 1000)), self.tb.scalars(row, pick(TB_BY_VIRTUAL_TIME)))
+        self.tb.write(int(row["cumulative_bytes_up"]), self.tb.scalars(row, pick(TB_BY_BYTES)))
 
     def metrics_table(self) -> pa.Table:
         return pa.Table.from_pylist(self.metrics, schema=METRICS_SCHEMA)

@@ -76,7 +76,7 @@ def test_epsilon_follows_opacus_round_by_round_and_the_run_stops_at_the_budget(r
     z, delta = 1.2, 1e-4
     reference = opacus_epsilons(COHORT / FLEET, z, 6, delta)
     target = (reference[3] + reference[4]) / 2  # allows four rounds, not five
-    run = raysim.run(scenario(**{"training.rounds": 6},
+    run = raysim.run(scenario(**{"training.rounds": 6, "logging.eval_every": 3},
                               privacy={"noise_multiplier": z, "clip_norm": CLIP, "delta": delta,
                                        "target_epsilon": target}), out_dir=tmp_path / "run")
     spent = run.metrics.column("epsilon").to_pylist()
@@ -86,7 +86,12 @@ def test_epsilon_follows_opacus_round_by_round_and_the_run_stops_at_the_budget(r
     privacy = run.summary["privacy"]
     assert privacy["epsilon"] == pytest.approx(reference[3]) and privacy["stopped_before_round"] == 5
     assert run.summary["rounds"] == 4
+    # Round 4 is not an evaluation round (every 3rd), but it is the last: the final model is evaluated.
+    accuracy = run.metrics.column("accuracy").to_numpy()
+    assert np.isnan(accuracy[[0, 1]]).all() and np.isfinite(accuracy[[2, 3]]).all()
+    assert run.summary["final_accuracy"] == accuracy[3]
     board = EventAccumulator(str(run.run_dir / "tb")).Reload()
+    assert [e.step for e in board.Scalars("round/accuracy")] == [3, 4]
     assert [e.value for e in board.Scalars("round/privacy/epsilon")] == pytest.approx(spent, rel=1e-6)
     assert (run.run_dir / "checkpoints" / "final.npz").exists()
     # The report shows ε per round and why the run ended.
