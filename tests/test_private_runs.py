@@ -105,14 +105,14 @@ def test_epsilon_follows_opacus_round_by_round_and_the_run_stops_at_the_budget(r
 
 
 def test_adaptive_clipping_moves_the_bound_every_round_and_records_it(ray_session, tmp_path):
-    # Every update's norm is far above the bound: nothing unclipped, so C grows by exp(η_C·γ) per round
-    # (with count noise 0; the noise multiplier is 0, so no privacy is charged against the count either).
+    # Every update's norm is far below the bound: all unclipped (b = 1), so with no count noise C shrinks by
+    # exactly exp(−η_C·(1 − γ)) per round (the noise multiplier is 0, so nothing is charged for the count).
     run = raysim.run(scenario(**{"training.rounds": 3},
-                              privacy={"noise_multiplier": 0.0, "clip_norm": 1e-4,
+                              privacy={"noise_multiplier": 0.0, "clip_norm": 1e4,
                                        "adaptive": {"target_quantile": 0.3, "clip_lr": 0.2, "count_noise": 0.0}}),
                      out_dir=tmp_path / "run")
     bounds = run.metrics.column("dp_clip_norm").to_pylist()
-    np.testing.assert_allclose(bounds, [1e-4 * np.exp(0.2 * 0.3 * r) for r in (1, 2, 3)], rtol=1e-9)
+    np.testing.assert_allclose(bounds, [1e4 * np.exp(-0.2 * (1 - 0.3) * r) for r in (1, 2, 3)], rtol=1e-9)
     state = np.load(run.run_dir / "checkpoints" / "final.npz")
     assert float(state["privacy.clip_norm"]) == pytest.approx(bounds[-1])
 
@@ -138,11 +138,17 @@ def test_local_dp_in_async_runs_charges_each_sensor_its_releases_and_warns_past_
     assert np.isnan(run.metrics.column("dp_clip_norm").to_numpy()).all()
 
 
-def test_local_dp_without_noise_is_clipping_on_the_sensor(one_round, tmp_path):
-    local = raysim.run(scenario(**{"aggregation.strategy.weighting": "uniform"},
-                                privacy={"mode": "local", "noise_multiplier": 0.0, "clip_norm": CLIP}),
-                       out_dir=tmp_path / "local")
-    np.testing.assert_allclose(local.global_weights, one_round["clipped"].global_weights, atol=1e-7)
+def test_local_dp_clips_on_the_sensor_and_its_noise_averages_to_z_s_over_root_m(one_round, tmp_path):
+    def local(z: float, name: str) -> np.ndarray:
+        return raysim.run(scenario(**{"aggregation.strategy.weighting": "uniform"},
+                                   privacy={"mode": "local", "noise_multiplier": z, "clip_norm": CLIP}),
+                          out_dir=tmp_path / name).global_weights.astype(np.float64)
+
+    clipped_only = local(0.0, "z0")
+    np.testing.assert_allclose(clipped_only, one_round["clipped"].global_weights, atol=1e-7)
+    # Each of the m sensors adds N(0, (z·S)²) per coordinate; the uniform mean of m has std z·S/√m.
+    noise = local(3.0, "z3") - clipped_only
+    assert noise.std() == pytest.approx(3.0 * CLIP / np.sqrt(COHORT), rel=0.1)
 
 
 def test_a_budget_smaller_than_one_round_is_refused_before_anything_starts(tmp_path, capsys):
