@@ -188,7 +188,8 @@ def _target_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     name = f"time / bytes to {summary['target_accuracy']:.0%} accuracy"
     if summary.get("time_to_target_s") is None:
         return [(name, "not reached")]
-    return [(name, f"{summary['time_to_target_s']:,.1f} s / {_bytes(summary['bytes_to_target'])} "
+    return [(name, f"{summary['time_to_target_s']:,.1f} s / {_bytes(summary['bytes_to_target'])}, "
+                   f"{_bytes(summary.get('bytes_up_to_target'))} of it up "
                    f"(round {summary['round_to_target']})")]
 
 
@@ -200,7 +201,7 @@ def _accuracy_text(summary: dict[str, Any]) -> str:
 
 
 def _fmt(value: Any, spec: str, unit: str = "") -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:{spec}}{unit}"
+    return "-" if _is_nan(value) else f"{value:{spec}}{unit}"
 
 
 def _bytes(value: Any) -> str:
@@ -237,8 +238,7 @@ def _report(args: argparse.Namespace) -> int:
                *(["ε"] if private else []), "updates/s"]
     for name in columns:
         rounds.add_column(name, justify="right")
-    step = max(1, math.ceil(len(metrics) / 25))
-    shown = metrics[::step] + ([metrics[-1]] if (len(metrics) - 1) % step else [])
+    shown = _rows_to_show(metrics, 25)
     for row in shown:
         rounds.add_row(
             str(row["round"]), f"{row['virtual_time_s']:,.1f}", _fmt(row["accuracy"], ".4f"), _fmt(row["loss"], ".4f"),
@@ -248,6 +248,19 @@ def _report(args: argparse.Namespace) -> int:
         )
     console.print(rounds)
     return 0
+
+
+def _rows_to_show(metrics: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """At most about ``limit`` evenly spaced rows, taken from the evaluated ones if some were not, and the last."""
+    evaluated = [row for row in metrics if not _is_nan(row["accuracy"])]
+    rows = evaluated if 2 <= len(evaluated) < len(metrics) else metrics
+    step = max(1, math.ceil(len(rows) / limit))
+    shown = rows[::step]
+    return shown if shown[-1] is metrics[-1] else [*shown, metrics[-1]]
+
+
+def _is_nan(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 if __name__ == "__main__":

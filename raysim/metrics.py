@@ -258,13 +258,14 @@ def summarize(metrics: pa.Table, target_accuracy: float | None = None) -> dict[s
         summary["best_accuracy_round"] = best[0]
     if target_accuracy is not None:
         summary["target_accuracy"] = target_accuracy
-        summary.update(round_to_target=None, time_to_target_s=None, bytes_to_target=None)
+        summary.update(round_to_target=None, time_to_target_s=None, bytes_to_target=None, bytes_up_to_target=None)
         for i, accuracy in enumerate(columns["accuracy"]):
             if accuracy is not None and accuracy >= target_accuracy:
                 summary.update(
                     round_to_target=columns["round"][i],
                     time_to_target_s=columns["virtual_time_s"][i],
                     bytes_to_target=columns["cumulative_bytes_up"][i] + columns["cumulative_bytes_down"][i],
+                    bytes_up_to_target=columns["cumulative_bytes_up"][i],
                 )
                 break
     return summary

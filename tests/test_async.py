@@ -172,6 +172,7 @@ def test_time_to_target_accuracy_is_reported(ray_session, tmp_path):
         assert summary["round_to_target"] == first["round"]
         assert summary["time_to_target_s"] == first.virtual_time_s
         assert summary["bytes_to_target"] == first.cumulative_bytes_up + first.cumulative_bytes_down
+        assert summary["bytes_up_to_target"] == first.cumulative_bytes_up
     else:
         assert summary["time_to_target_s"] is None
 
