@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import shutil
 import time
@@ -112,10 +111,7 @@ def _check_privacy_budget(scenario: Scenario) -> None:
 
     sensors = scenario.fleet.sensors
     if privacy.mode == "central":
-        stragglers = scenario.aggregation.stragglers
-        selected = scenario.aggregation.cohort
-        if stragglers.policy == "over-commit":
-            selected = math.ceil(selected * stragglers.overcommit)
+        selected = scenario.aggregation.stragglers.selected(scenario.aggregation.cohort)
         sample_rate = min(selected, sensors) / sensors  # the least a round can cost: every sensor online
     else:
         sample_rate = 1.0

@@ -402,7 +402,7 @@ class SyncRounds:
         round_index = c.step_index + 1
         start = c.virtual_time_s
         k = scenario.aggregation.cohort
-        wanted = math.ceil(k * policy.overcommit) if policy.policy == "over-commit" else k
+        wanted = policy.selected(k)
         online = self.all_positions[c.availability.online_at(self.all_positions, start)]
         if len(online) == 0:
             return self._idle_round(round_index, start)

@@ -253,6 +253,10 @@ class Stragglers(Frozen):
     overcommit: Annotated[float, Field(ge=1.0, le=10.0)] = 1.3
     min_completion: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
 
+    def selected(self, cohort: int) -> int:
+        """Sensors a round selects for a cohort of ``cohort``: ceil(cohort × overcommit) with over-commit."""
+        return math.ceil(cohort * self.overcommit) if self.policy == "over-commit" else cohort
+
     @model_validator(mode="after")
     def _policy_fields(self) -> "Stragglers":
         if self.policy == "deadline" and self.deadline_s is None:
