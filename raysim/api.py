@@ -21,7 +21,7 @@ from raysim.availability import Availability
 from raysim.compression import CODECS
 from raysim.errors import RaysimError, RaysimWarning, ScenarioError
 from raysim.fleet import prepare_fleet
-from raysim.metrics import write_json
+from raysim.metrics import peak_rss_mb, write_json
 from raysim.models import ParamLayout, build_model
 from raysim.scenario import Scenario, load_scenario
 
@@ -163,6 +163,11 @@ def _drive(scenario, fleet, availability, placement, run_dir: Path, created: lis
         "sensors_per_actor": placement.sensors_per_actor,
         **final["summary"],
     }
+    memory = summary["memory"]
+    memory["driver_peak_mb"] = peak_rss_mb()
+    # Each process's own peak, summed: an upper bound of the peak of the total.
+    memory["total_peak_mb"] = memory["driver_peak_mb"] + memory["coordinator_peak_mb"] + sum(
+        memory["client_actors_peak_mb"])
     write_json(summary, run_dir / "summary.json")
     return RunResult(
         run_dir=run_dir,

@@ -66,7 +66,20 @@ def _parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="summarize a finished run directory")
     report.add_argument("run_dir")
     report.set_defaults(handler=_report)
+
+    from raysim import bench as bench_module  # imports Ray and torch only when it runs
+
+    bench = commands.add_parser("bench", help="benchmark throughput, memory and communication; JSON + PNG plots",
+                                description=bench_module.__doc__.splitlines()[0])
+    bench_module.add_arguments(bench)
+    bench.set_defaults(handler=_bench)
     return parser
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from raysim.bench import run_from_args
+
+    return run_from_args(args)
 
 
 def _validate(args: argparse.Namespace) -> int:

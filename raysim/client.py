@@ -8,6 +8,8 @@ The training itself lives in :mod:`raysim.training`.
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -16,6 +18,7 @@ import ray
 import torch
 
 from raysim.fleet import FleetData, preprocess, store
+from raysim.metrics import peak_rss_mb
 from raysim.models import ParamLayout, build_model
 from raysim.scenario import Scenario
 from raysim.streams import COMPRESS, PRIVACY, TRAIN, stream
@@ -54,8 +57,11 @@ class ClientActor:
         if scenario.attack is not None and scenario.attack.kind == "label_flip":
             ids = fleet.profiles.sensor_id
             flipped = set(ids[choose_attackers(scenario.seed, ids, scenario.attack.fraction)].tolist())
-        self.data = {sid: (preprocess.apply(x, prep), flip_labels(y, fleet.classes) if sid in flipped else y)
-                     for sid, (x, y) in loaded.items()}
+        self.data: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for sid in list(loaded):  # preprocessed one sensor at a time, so the raw shard is never held twice
+            x, y = loaded.pop(sid)
+            self.data[sid] = (preprocess.apply(x, prep), flip_labels(y, fleet.classes) if sid in flipped else y)
+        self.sensors_per_batch = int(scenario.cluster.sensors_per_batch)
         self._warm_up()
 
     def _encode(self, sensor_id: int, task_key: int, update: np.ndarray) -> bytes:
@@ -85,6 +91,10 @@ class ClientActor:
             "sensors": len(self.data),
         }
 
+    def memory(self) -> dict[str, Any]:
+        """This actor's process id and peak resident memory so far, in MB (``getrusage`` high-water mark)."""
+        return {"pid": os.getpid(), "peak_mb": peak_rss_mb()}
+
     def train(
         self,
         task_keys: np.ndarray,
@@ -93,7 +103,8 @@ class ClientActor:
         lr: np.ndarray,
         *weights: np.ndarray,
         control: np.ndarray | None = None,
-    ) -> dict[str, np.ndarray]:
+        reduce: str | None = None,
+    ) -> dict[str, Any]:
         """Train hosted sensors; one call per training batch.
 
         Task i trains sensor ``sensor_ids[i]`` from ``weights[version_slots[i]]``
@@ -102,10 +113,43 @@ class ClientActor:
         ``task_keys[i]``). Each result carries the fingerprint of the weights it
         trained from. With SCAFFOLD, ``control`` is the server's c: gradients are
         corrected by c − c_i, c_i is updated, and its change is returned.
+
+        Sensors train in batches of at most ``cluster.sensors_per_batch``. By
+        default every update (or its encoded payload) is returned. With
+        ``reduce`` ("samples" or "uniform") only their weighted sum is:
+        ``sum`` = Σ w_i·u_i in float64 and ``weight`` = Σ w_i over the finite
+        updates u_i (as the coordinator would decode them), w_i the sensor's
+        sample count or 1, and ``finite`` marks which updates were; memory then
+        stays bounded by one batch whatever the number of tasks. ``busy_s`` is
+        the wall time spent in this call.
         """
-        seed = self.scenario.seed
+        started = time.perf_counter()
         if self.downlink is not None:  # the model arrives encoded
             weights = tuple(self.downlink.decode(w) for w in weights)
+        sensor_ids = np.asarray(sensor_ids)
+        version_slots = np.asarray(version_slots, dtype=np.int64)
+        lr = np.asarray(lr, dtype=np.float64)
+        if self.scaffold and control is None:
+            raise ValueError("SCAFFOLD training needs the server's control variate")
+        parts = [self._train_batch(task_keys[b], sensor_ids[b], version_slots[b], lr[b], weights, control, reduce)
+                 for b in _batches(len(sensor_ids), self.sensors_per_batch)]
+        out: dict[str, Any] = {}
+        if reduce is not None:
+            out["sum"] = sum((p.pop("sum") for p in parts), np.zeros(self.layout.size))
+            out["weight"] = float(sum(p.pop("weight") for p in parts))
+        if parts and "payloads" in parts[0]:
+            out["payloads"] = [payload for p in parts for payload in p.pop("payloads")]
+        for key in parts[0] if parts else ():
+            out[key] = np.concatenate([p[key] for p in parts])
+        prints = np.array([fingerprint(w) for w in weights], dtype=np.int64)
+        out["fingerprint"] = prints[version_slots]
+        out["busy_s"] = time.perf_counter() - started
+        return out
+
+    def _train_batch(self, task_keys: np.ndarray, sensor_ids: np.ndarray, version_slots: np.ndarray, lr: np.ndarray,
+                     weights: tuple[np.ndarray, ...], control: np.ndarray | None, reduce: str | None) -> dict[str, Any]:
+        """:meth:`train` for one batch of sensors trained together."""
+        seed = self.scenario.seed
         datasets = [self.data[int(sid)] for sid in sensor_ids]
         plans = [
             self.local.plan(len(y), stream(seed, TRAIN, int(sid), int(key)))
@@ -113,11 +157,8 @@ class ClientActor:
         ]
         start = weights[0] if len(weights) == 1 else np.stack([weights[v] for v in version_slots])
         trainer = train_vectorized if self.scenario.training.vectorized else train_reference
-        lr = np.asarray(lr, dtype=np.float64)
-        out: dict[str, np.ndarray] = {}
+        out: dict[str, Any] = {}
         if self.scaffold:
-            if control is None:
-                raise ValueError("SCAFFOLD training needs the server's control variate")
             local = np.stack([self.controls.get(int(sid), np.zeros(self.layout.size, np.float32)) for sid in sensor_ids])
             result = trainer(self.model, self.layout, start, datasets, plans, self.local, lr=lr,
                              correction=(control[None, :] - local).astype(np.float32))
@@ -127,21 +168,28 @@ class ClientActor:
             out["controls"] = updated - local
         else:
             result = trainer(self.model, self.layout, start, datasets, plans, self.local, lr=lr)
-        prints = np.array([fingerprint(w) for w in weights], dtype=np.int64)
         updates = result.updates
         if self.local_dp is not None:  # clipped and noised on the sensor, before anything leaves it
             p = self.local_dp
             updates = np.stack([local_dp(u, p.clip_norm, p.noise_multiplier, stream(seed, PRIVACY, int(sid), int(key)))
                                 for sid, key, u in zip(sensor_ids, task_keys, updates)])
-        if self.codec is not None:  # what goes on the wire; the coordinator decodes
-            out["payloads"] = [self._encode(int(sid), int(key), update)
-                               for sid, key, update in zip(sensor_ids, task_keys, updates)]
-        else:
+        num_samples = np.array([len(y) for _, y in datasets], dtype=np.int64)
+        if self.codec is not None:  # what goes on the wire
+            payloads = [self._encode(int(sid), int(key), update) for sid, key, update in zip(sensor_ids, task_keys, updates)]
+            if reduce is None:
+                out["payloads"] = payloads
+            else:  # decoded here exactly as the coordinator would
+                updates = np.stack([self.codec.decode(payload) for payload in payloads])
+        if reduce is not None:
+            finite = np.isfinite(updates).all(axis=1)
+            w = (num_samples if reduce == "samples" else np.ones(len(updates)))[finite].astype(np.float64)
+            out.update(sum=w @ updates[finite].astype(np.float64), weight=w.sum(), finite=finite)
+        elif self.codec is None:
             out["updates"] = updates
-        out.update(
-            num_samples=np.array([len(y) for _, y in datasets], dtype=np.int64),
-            train_loss=result.train_loss,
-            steps=result.steps,
-            fingerprint=prints[np.asarray(version_slots, dtype=np.int64)],
-        )
+        out.update(num_samples=num_samples, train_loss=result.train_loss, steps=result.steps)
         return out
+
+
+def _batches(count: int, size: int) -> list[slice]:
+    return [slice(start, min(start + size, count)) for start in range(0, count, size)]
+

@@ -8,6 +8,7 @@ against what the cluster has: a request the cluster can never satisfy is a
 from __future__ import annotations
 
 import functools
+import heapq
 import logging
 import math
 import os
@@ -51,10 +52,54 @@ class Placement:
     num_gpus: float
 
     def shards(self, sensors: int) -> list[np.ndarray]:
+        """Contiguous blocks of ``sensors_per_actor`` positions (``cluster.balance: contiguous``)."""
         return [
             np.arange(start, min(start + self.sensors_per_actor, sensors))
             for start in range(0, sensors, self.sensors_per_actor)
         ]
+
+    def balanced_shards(self, work: np.ndarray) -> list[np.ndarray]:
+        """Positions per actor so that every actor gets about the same total ``work`` (``cluster.balance: work``).
+
+        Longest processing time first (Graham 1969): sensors in decreasing order
+        of work, each to the actor with the least work so far that still has
+        room for ``sensors_per_actor`` sensors (ties to the lower actor index).
+        The heaviest actor ends within one sensor's work of the mean. Each shard
+        is sorted.
+        """
+        work = np.asarray(work, dtype=np.float64)
+        actors = math.ceil(len(work) / self.sensors_per_actor) if len(work) else 0
+        owner = np.empty(len(work), dtype=np.int64)
+        heap = [(0.0, index) for index in range(actors)]
+        room = [self.sensors_per_actor] * actors
+        for position in np.argsort(-work, kind="stable").tolist():
+            load, index = heapq.heappop(heap)
+            owner[position] = index
+            room[index] -= 1
+            if room[index]:
+                heapq.heappush(heap, (load + work[position], index))
+        return [np.flatnonzero(owner == index) for index in range(actors)]
+
+
+def expected_work(scenario: Scenario, num_samples: np.ndarray) -> np.ndarray:
+    """Each sensor's training work in a task, in samples pushed through the model.
+
+    Batched training pads every step to the batch size, so a sensor of n
+    samples costs epochs × ceil(n / B) × B (epochs × n with full batches).
+    """
+    training = scenario.training
+    n = np.asarray(num_samples, dtype=np.int64)
+    if training.batch_size == "full":
+        return (training.local_epochs * n).astype(np.float64)
+    batch = int(training.batch_size)
+    return (training.local_epochs * -(-n // batch) * batch).astype(np.float64)
+
+
+def shard_sensors(scenario: Scenario, fleet: Any, placement: Placement) -> list[np.ndarray]:
+    """Fleet positions hosted by each client actor, as ``cluster.balance`` asks."""
+    if scenario.cluster.balance == "contiguous":
+        return placement.shards(len(fleet.profiles))
+    return placement.balanced_shards(expected_work(scenario, fleet.profiles.num_samples))
 
 
 def plan_placement(scenario: Scenario, resources: dict[str, float]) -> Placement:
@@ -115,7 +160,7 @@ def start_client_actors(scenario: Scenario, fleet: Any, placement: Placement) ->
     options = {"num_cpus": placement.num_cpus, "num_gpus": placement.num_gpus}
     return [
         _remote(ClientActor).options(**options).remote(scenario, fleet, fleet.profiles.sensor_id[shard])
-        for shard in placement.shards(len(fleet.profiles))
+        for shard in shard_sensors(scenario, fleet, placement)
     ]
 
 
@@ -125,5 +170,5 @@ def start_coordinator(
     """Start the Coordinator actor; it mostly waits on client actors, so it reserves no CPU."""
     from raysim.coordinator import Coordinator
 
-    shards = placement.shards(len(fleet.profiles))
+    shards = shard_sensors(scenario, fleet, placement)
     return _remote(Coordinator).options(num_cpus=0).remote(scenario, fleet, availability, actors, shards, run_dir)

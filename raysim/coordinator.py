@@ -30,16 +30,16 @@ from raysim.clock import APPLIED, LATE, LOST, OFFLINE, TaskPlan, TaskTiming, pla
 from raysim.compression import CODECS
 from raysim.errors import AggregationError
 from raysim.fleet import FleetData, preprocess, store
-from raysim.metrics import RunRecorder, summarize
+from raysim.metrics import RunRecorder, peak_rss_mb, summarize
 from raysim.models import ParamLayout, build_model, init_weights
 from raysim.privacy import CentralDP, RunAccountant
 from raysim.scenario import Scenario
 from raysim.streams import ATTACK, COHORT, DISPATCH, PRIVACY, stream
 from raysim.attacks import attack_updates, choose_attackers
-from raysim.strategies import STRATEGIES, ServerContext, UpdateBatch
+from raysim.strategies import STRATEGIES, FedAvg, ServerContext, UpdateBatch
 from raysim.strategies.robust import AGGREGATORS, norm_clip
 from raysim.strategies.server_optimizers import SERVER_OPTIMIZERS
-from raysim.strategies.validation import ACCEPTED, fingerprint, screen
+from raysim.strategies.validation import ACCEPTED, NON_FINITE, UNKNOWN_BASE, fingerprint, screen
 from raysim.training import evaluate
 
 SKIPPED = "skipped"  # delivered in a round that fell short of min_completion
@@ -108,6 +108,8 @@ class Coordinator:
         self.virtual_time_s = 0.0
         self.totals = {"bytes_up": 0, "bytes_down": 0, "updates_applied": 0}
         self.wall_started = time.perf_counter()
+        self.reduce = self._reduction()
+        self.trainings_done: list[_Training] = []  # collected since the last recorded step: their wall times
         self.loop = SyncRounds(self) if scenario.aggregation.mode == "sync" else AsyncSteps(self)
 
     def start_clock(self) -> None:
@@ -127,6 +129,22 @@ class Coordinator:
             self.stopped_for_budget = self.step_index + 1
         return row
 
+    def _reduction(self) -> str | None:
+        """How client actors may pre-sum a synchronous round's updates: "samples" or "uniform" weighting, or None.
+
+        Only when the round's aggregate is a plain weighted mean of the updates
+        that pass the always-on checks (FedAvg or FedProx with the mean
+        aggregator, no clipping, central DP, attack or anomaly filters, all of
+        which need each update on the coordinator).
+        """
+        scenario = self.scenario
+        aggregation = scenario.aggregation
+        linear = (scenario.cluster.aggregate_on_actors and aggregation.mode == "sync"
+                  and isinstance(self.strategy, FedAvg) and aggregation.aggregator.name == "mean"
+                  and aggregation.clip_norm is None and self.central_dp is None and scenario.attack is None
+                  and not aggregation.validation.filters)
+        return self.strategy.config.weighting if linear else None
+
     # ------------------------------------------------------------------ privacy
 
     def privacy_allows(self, positions: np.ndarray, sample_rate: float) -> bool:
@@ -142,7 +160,8 @@ class Coordinator:
     # ------------------------------------------------------------------ shared by both loops
 
     def train(
-        self, positions: np.ndarray, task_keys: np.ndarray, versions: np.ndarray, weights: dict[int, np.ndarray]
+        self, positions: np.ndarray, task_keys: np.ndarray, versions: np.ndarray, weights: dict[int, np.ndarray],
+        reduce: str | None = None,
     ) -> "_Training":
         """Start training tasks (sensor ``positions[i]`` from model version ``versions[i]``).
 
@@ -150,6 +169,8 @@ class Coordinator:
         version to its weights, ``ray.put`` once and shared by the calls. A task's learning rate follows the
         schedule at its version. The returned handle's ``result()`` waits and
         gives the results in input order; until then the coordinator is free.
+        With ``reduce`` (see :meth:`_reduction`) each actor returns the weighted
+        sum of its updates instead of the updates.
         """
         needed = sorted(set(versions.tolist()))
         sent = {v: self._downlink_payload(weights[v]) for v in needed}
@@ -162,19 +183,22 @@ class Coordinator:
         version_slots = np.array([slot[v] for v in versions.tolist()], dtype=np.int64)
         lr = self.lr_at(versions)
         shared = self.strategy.broadcast()
-        control = {"control": ray.put(shared)} if shared is not None else {}
+        options = {"control": ray.put(shared)} if shared is not None else {}
+        if reduce is not None:
+            options["reduce"] = reduce
         owners = self.owner[positions]
+        actor_indices = np.unique(owners)
         calls, rows = [], []
-        for actor_index in np.unique(owners):
+        for actor_index in actor_indices:
             mine = np.flatnonzero(owners == actor_index)
             rows.append(mine)
             calls.append(
                 self.actors[actor_index].train.remote(
                     task_keys[mine], self.profiles.sensor_id[positions[mine]], version_slots[mine], lr[mine], *refs,
-                    **control,
+                    **options,
                 )
             )
-        return _Training(calls, rows, len(positions), self.codec)
+        return _Training(calls, rows, len(positions), self.codec, actor_indices, self.trainings_done)
 
     def _downlink_payload(self, weights: np.ndarray) -> np.ndarray | bytes:
         """What goes down to the sensors: the weights, or their encoding (downlink codecs draw nothing)."""
@@ -194,6 +218,8 @@ class Coordinator:
         step with fewer valid updates than the aggregator needs leaves the model
         unchanged and marks them ``too_few_valid``.
         """
+        if "sums" in trained:
+            return self._aggregate_sums(trained, base_versions)
         scenario = self.scenario
         updates = trained["updates"]
         attack = scenario.attack
@@ -217,6 +243,30 @@ class Coordinator:
         combine = self._combine if self.central_dp is None else self._private_combine(step_key)
         step = self.strategy.pseudo_gradient(self.weights, batch, combine)
         self.weights = self.optimizer.apply(self.weights, step)
+        return reasons.astype(str)
+
+    def _aggregate_sums(self, trained: dict[str, Any], base_versions: np.ndarray) -> np.ndarray:
+        """:meth:`aggregate` for a round the client actors summed (:meth:`_reduction`): the same checks and
+        the same weighted mean, from each actor's Σ w_i·u_i and Σ w_i over its finite updates."""
+        expected = np.array([self.fingerprints.get(int(v), -1) for v in base_versions], dtype=np.int64)
+        known = trained["fingerprint"] == expected
+        finite = trained["finite"]
+        reasons = np.full(len(finite), ACCEPTED, dtype=object)
+        reasons[~finite] = NON_FINITE
+        reasons[finite & ~known] = UNKNOWN_BASE
+        valid = reasons == ACCEPTED
+        if valid.sum() < max(self.aggregator.min_updates(), 1):
+            reasons[valid] = TOO_FEW
+            return reasons.astype(str)
+        total, weight = np.zeros(self.layout.size), 0.0
+        for rows, part_sum, part_weight in zip(trained["part_rows"], trained["sums"], trained["sum_weights"]):
+            if known[rows].all():  # one call trains from one model: its base is known for all its rows or none
+                total += part_sum
+                weight += part_weight
+        if not weight > 0:
+            raise AggregationError("the accepted updates have no weight to average with")
+        mean = (total / weight).astype(np.float32)
+        self.weights = self.optimizer.apply(self.weights, self.strategy.from_mean(mean))
         return reasons.astype(str)
 
     def _combine(self, updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -259,8 +309,27 @@ class Coordinator:
             dp_clip_norm=self.central_dp.clip_norm if self.central_dp is not None else float("nan"),
             updates_per_s=self.totals["updates_applied"] / wall if wall > 0 else 0.0,
         )
-        self.recorder.record_round(row, events, staleness)
+        actors = self._actor_work(row)
+        self.recorder.record_round(row, events, staleness, actors)
         return row
+
+    def _actor_work(self, row: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Wall-clock figures of the training collected since the last step: the row's ``train_wall_s``
+        (first call sent to last result in) and the actors' mean and largest busy time, and one
+        ``actors.parquet`` row per actor that trained."""
+        done, self.trainings_done = self.trainings_done, []
+        busy = np.zeros(len(self.actors))
+        sensors = np.zeros(len(self.actors), dtype=np.int64)
+        for training in done:
+            np.add.at(busy, training.actor_indices, training.busy_s)
+            np.add.at(sensors, training.actor_indices, [len(r) for r in training.rows])
+        row.update(
+            train_wall_s=max(t.done_at for t in done) - min(t.sent_at for t in done) if done else 0.0,
+            actor_busy_mean_s=float(busy.mean()) if len(busy) else 0.0,
+            actor_busy_max_s=float(busy.max()) if len(busy) else 0.0,
+        )
+        worked = np.flatnonzero(sensors)
+        return {"actor": worked, "sensors": sensors[worked], "busy_s": busy[worked]}
 
     def event_rows(self, positions: np.ndarray, plan: TaskPlan, outcome: np.ndarray, *, round_index: int,
                    base_version: np.ndarray, staleness: np.ndarray, trained: dict | None,
@@ -320,6 +389,9 @@ class Coordinator:
         summary["downlink_compression"] = self.compression["downlink"]
         if self.accountant is not None:
             summary["privacy"] = self._privacy_summary()
+        actors = ray.get([actor.memory.remote() for actor in self.actors])
+        summary["memory"] = {"coordinator_peak_mb": peak_rss_mb(),
+                             "client_actors_peak_mb": [a["peak_mb"] for a in actors]}
         return {"summary": summary, "weights": self.weights}
 
     def _privacy_summary(self) -> dict[str, Any]:
@@ -343,21 +415,34 @@ class Coordinator:
 class _Training:
     """Training calls in progress on the client actors; ``result()`` collects them once."""
 
-    def __init__(self, calls: list[Any], rows: list[np.ndarray], count: int, codec: Any = None) -> None:
+    def __init__(self, calls: list[Any], rows: list[np.ndarray], count: int, codec: Any = None,
+                 actor_indices: np.ndarray | None = None, done: list["_Training"] | None = None) -> None:
         self.calls, self.rows, self.count, self.codec = calls, rows, count, codec
-        self._result: dict[str, np.ndarray] | None = None
+        self.actor_indices = actor_indices if actor_indices is not None else np.arange(len(calls))
+        self._done = done  # where a collected batch reports itself, for the step's wall-clock figures
+        self.sent_at = time.perf_counter()
+        self.done_at = self.sent_at
+        self.busy_s = np.zeros(len(calls))
+        self._result: dict[str, Any] | None = None
 
-    def result(self) -> dict[str, np.ndarray]:
+    def result(self) -> dict[str, Any]:
         if self._result is None:
             parts = ray.get(self.calls)
+            self.done_at = time.perf_counter()
+            self.busy_s = np.array([p["busy_s"] for p in parts])
+            if self._done is not None:
+                self._done.append(self)
             order = np.empty(self.count, dtype=np.int64)
             order[np.concatenate(self.rows)] = np.arange(self.count)
-            merged = {key: np.concatenate([np.atleast_1d(p[key]) for p in parts])[order]
-                      for key in ("num_samples", "train_loss", "steps")}
-            for key in ("updates", "fingerprint", "controls"):
+            merged: dict[str, Any] = {key: np.concatenate([np.atleast_1d(p[key]) for p in parts])[order]
+                                      for key in ("num_samples", "train_loss", "steps")}
+            for key in ("updates", "fingerprint", "controls", "finite"):
                 if key in parts[0]:
                     merged[key] = np.concatenate([p[key] for p in parts])[order]
-            if "payloads" in parts[0]:
+            if "sum" in parts[0]:  # each actor's weighted sum of its own updates, and the rows it covers
+                merged.update(sums=[p["sum"] for p in parts], sum_weights=[p["weight"] for p in parts],
+                              part_rows=self.rows)
+            elif "payloads" in parts[0]:
                 payloads = [payload for p in parts for payload in p["payloads"]]
                 merged["updates"] = np.stack([self.codec.decode(payloads[i]) for i in order])
             self._result, self.calls = merged, []
@@ -440,7 +525,7 @@ class SyncRounds:
             positions = chosen[accepted]
             version = round_index - 1
             trained = c.train(positions, np.full(len(positions), round_index), np.full(len(positions), version),
-                              {version: c.weights}).result()
+                              {version: c.weights}, reduce=c.reduce).result()
             reason[accepted] = c.aggregate(positions, trained, step_key=round_index,
                                            base_versions=np.full(len(positions), version),
                                            staleness=np.zeros(len(positions), np.int64))

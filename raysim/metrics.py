@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,9 @@ METRICS_SCHEMA = pa.schema(
         ("epsilon", pa.float64()),  # privacy spent so far, at the scenario's δ (NaN without privacy)
         ("dp_clip_norm", pa.float64()),  # central DP: the clipping bound for the next round (NaN otherwise)
         ("updates_per_s", pa.float64()),
+        ("train_wall_s", pa.float64()),  # wall seconds from sending the step's training calls to the last result
+        ("actor_busy_mean_s", pa.float64()),  # wall seconds each client actor spent training, mean over actors
+        ("actor_busy_max_s", pa.float64()),  # and the busiest actor's
     ]
 )
 
@@ -77,7 +82,24 @@ EVENTS_SCHEMA = pa.schema(
 )
 
 # Columns that depend on the host machine, not on the simulation.
-WALL_CLOCK_COLUMNS = ("wall_time_s", "updates_per_s")
+WALL_CLOCK_COLUMNS = ("wall_time_s", "updates_per_s", "train_wall_s", "actor_busy_mean_s", "actor_busy_max_s")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far, in MB (Linux reports ru_maxrss in KiB, macOS in bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+
+
+# actors.parquet: one row per (round or async step, client actor) that trained in it.
+ACTORS_SCHEMA = pa.schema(
+    [
+        ("round", pa.int64()),
+        ("actor", pa.int64()),  # index of the client actor
+        ("sensors", pa.int64()),  # tasks it trained for this round / step
+        ("busy_s", pa.float64()),  # wall seconds it spent training them
+    ]
+)
 
 # TensorBoard tags (the curves a user looks at) and the metrics columns they plot.
 TB_BY_ROUND = {
@@ -97,6 +119,9 @@ TB_BY_ROUND = {
     "bytes_down": "bytes_down",
     "virtual_time_s": "virtual_time_s",
     "updates_per_s": "throughput/updates_per_s",
+    "train_wall_s": "throughput/train_wall_s",
+    "actor_busy_max_s": "throughput/actor_busy_max_s",
+    "actor_busy_mean_s": "throughput/actor_busy_mean_s",
     "cumulative_bytes_up": "communication/cumulative_bytes_up",
     "cumulative_bytes_down": "communication/cumulative_bytes_down",
     "uplink_compression": "communication/uplink_compression",
@@ -115,14 +140,21 @@ class RunRecorder:
         self.run_dir = Path(run_dir)
         self.metrics: list[dict[str, Any]] = []
         self.events: list[pa.RecordBatch] = []
+        self.actors: list[pa.RecordBatch] = []
         self.tb = _Board(self.run_dir / "tb") if tensorboard else None
 
     def record_round(
-        self, row: dict[str, Any], events: dict[str, np.ndarray], staleness: np.ndarray | None = None
+        self, row: dict[str, Any], events: dict[str, np.ndarray], staleness: np.ndarray | None = None,
+        actors: dict[str, np.ndarray] | None = None,
     ) -> None:
-        """Add one round's (or async step's) row and task events; ``staleness`` of the applied updates."""
+        """Add one round's (or async step's) row and task events; ``staleness`` of the applied updates;
+        ``actors``: the client actors' work in it (columns of :data:`ACTORS_SCHEMA` but ``round``)."""
         self.metrics.append(row)
         self.events.append(pa.RecordBatch.from_pydict(events, schema=EVENTS_SCHEMA))
+        if actors is not None:
+            count = len(actors["actor"])
+            self.actors.append(pa.RecordBatch.from_pydict(
+                {"round": np.full(count, row["round"], dtype=np.int64), **actors}, schema=ACTORS_SCHEMA))
         if self.tb is not None:
             self._board(row, staleness=staleness)
 
@@ -155,6 +187,7 @@ class RunRecorder:
         """Write metrics.parquet and events.parquet as they stand (atomically)."""
         write_parquet(self.metrics_table(), self.run_dir / "metrics.parquet")
         write_parquet(self.events_table(), self.run_dir / "events.parquet")
+        write_parquet(pa.Table.from_batches(self.actors, schema=ACTORS_SCHEMA), self.run_dir / "actors.parquet")
         if self.tb is not None:
             self.tb.flush()
 

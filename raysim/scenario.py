@@ -349,6 +349,14 @@ class ClusterSection(Frozen):
     sensors_per_actor: Union[PositiveInt, Literal["auto"]] = "auto"
     num_cpus: PositiveFloat = 1.0  # per client actor
     num_gpus: NonNegativeFloat = 0.0  # per client actor; fractions share a GPU
+    # How sensors are spread over client actors: "work" balances each actor's expected training work
+    # (largest first, to the least-loaded actor); "contiguous" gives each actor a block of sensor ids.
+    balance: Literal["work", "contiguous"] = "work"
+    # Sensors trained in one batched computation on a client actor; bounds its memory whatever the cohort.
+    sensors_per_batch: PositiveInt = 1024
+    # For aggregations that are a weighted mean of the updates, each client actor sums its own share and
+    # sends one vector instead of one update per sensor. Results agree within float rounding either way.
+    aggregate_on_actors: bool = True
 
     @model_validator(mode="after")
     def _gpu_fraction(self) -> "ClusterSection":

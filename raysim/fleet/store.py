@@ -319,28 +319,55 @@ def _columns(table: pa.Table, path: Path, channels: int, window: int) -> tuple[n
 def read_sensors(path: str | os.PathLike, sensor_ids: Sequence[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """``{sensor_id: (x float32 (n, channels, window), y int64 (n,))}`` for just these sensors.
 
-    Reads with a filter on ``sensor``, so row groups that cannot hold the
-    requested ids are skipped; rows keep the file's order within a sensor.
+    Reads one row group at a time and keeps only the requested sensors' rows,
+    so memory peaks at the result plus one row group, however large the file;
+    row groups whose ``sensor`` statistics rule out every requested id are not
+    read at all. Rows keep the file's order within a sensor.
     """
     path = Path(path)
-    wanted = sorted({int(i) for i in sensor_ids})
+    wanted = np.array(sorted({int(i) for i in sensor_ids}), dtype=np.int64)
     pf = _open(path)
     channels, window = _shape(pf, path)
-    if not wanted:
+    if not len(wanted):
         return {}
+    pieces: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
     try:
-        table = pq.read_table(path, columns=["sensor", "label", "x"], filters=[("sensor", "in", wanted)])
+        for group in _groups_that_may_hold(pf, wanted):
+            table = pf.read_row_group(group, columns=["sensor", "label", "x"])
+            x, y, sensor = _columns(table, path, channels, window)
+            keep = np.isin(sensor, wanted)
+            if not keep.any():
+                continue
+            order = np.flatnonzero(keep)[np.argsort(sensor[keep], kind="stable")]
+            x, y, sensor = x[order], y[order], sensor[order]  # copies of the kept rows only
+            ids, starts, counts = np.unique(sensor, return_index=True, return_counts=True)
+            for i, s, c in zip(ids.tolist(), starts.tolist(), counts.tolist()):
+                pieces.setdefault(i, []).append((x[s : s + c], y[s : s + c]))
     except pa.ArrowException as exc:
         raise _fail(path, f"cannot be read ({exc})") from None
-    x, y, sensor = _columns(table, path, channels, window)
-    order = np.argsort(sensor, kind="stable")
-    sensor, x, y = sensor[order], x[order], y[order]
-    ids, starts, counts = np.unique(sensor, return_index=True, return_counts=True)
-    missing = sorted(set(wanted) - set(ids.tolist()))
+    missing = [i for i in wanted.tolist() if i not in pieces]
     if missing:
         shown = ", ".join(str(i) for i in missing[:10]) + (" …" if len(missing) > 10 else "")
         raise _fail(path, f"column 'sensor' has no rows for sensor ids {shown}")
-    return {int(i): (x[s : s + c], y[s : s + c]) for i, s, c in zip(ids, starts, counts)}
+    return {
+        i: parts[0] if len(parts) == 1 else (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+        for i, parts in sorted(pieces.items())
+    }
+
+
+def _groups_that_may_hold(pf: pq.ParquetFile, wanted: np.ndarray) -> list[int]:
+    """Row groups whose ``sensor`` min/max statistics admit one of the sorted ids ``wanted`` (all without statistics)."""
+    meta = pf.metadata
+    column = next((i for i in range(meta.num_columns) if meta.schema.column(i).path == "sensor"), None)
+    groups = []
+    for group in range(meta.num_row_groups):
+        stats = meta.row_group(group).column(column).statistics if column is not None else None
+        if stats is not None and stats.has_min_max:
+            first = np.searchsorted(wanted, int(stats.min))
+            if first == len(wanted) or wanted[first] > int(stats.max):
+                continue
+        groups.append(group)
+    return groups
 
 
 def read_all(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

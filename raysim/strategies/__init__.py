@@ -135,7 +135,12 @@ class FedAvg(Stateless):
         return np.ones(len(batch.deltas)) if self.config.weighting == "uniform" else batch.num_samples
 
     def pseudo_gradient(self, global_weights: np.ndarray, batch: UpdateBatch, combine: Combine = weighted_mean) -> np.ndarray:
-        return self.config.server_lr * np.asarray(combine(batch.deltas, self.weights(batch)), dtype=np.float64)
+        return self.from_mean(combine(batch.deltas, self.weights(batch)))
+
+    def from_mean(self, mean: np.ndarray) -> np.ndarray:
+        """The pseudo-gradient η_g · Σ_k p_k Δ_k from the weighted mean Σ_k p_k Δ_k, however it was summed
+        (client actors may each sum their own sensors' share; see ``cluster.aggregate_on_actors``)."""
+        return self.config.server_lr * np.asarray(mean, dtype=np.float64)
 
     def client(self) -> dict[str, float]:
         return {"prox_mu": 0.0, "scaffold": 0}
