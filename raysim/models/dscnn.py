@@ -44,19 +44,23 @@ class DepthwiseSeparable1d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.pointwise(self.depthwise(F.pad(x, self._padding))))
 
-    def forward_batched(self, params: dict[str, torch.Tensor], prefix: str, x: torch.Tensor) -> torch.Tensor:
-        """S blocks at once on x (S, B, C, T): the depthwise filter as a sum over unfolded windows,
-        the pointwise one as a batched matrix product (grouped convolutions do not batch well)."""
-        depth_w = params[f"{prefix}depthwise.weight"][:, :, 0, :]  # (S, C, k)
-        depth_b = params[f"{prefix}depthwise.bias"]  # (S, C)
-        point_w = params[f"{prefix}pointwise.weight"][:, :, :, 0]  # (S, O, C)
-        point_b = params[f"{prefix}pointwise.bias"]  # (S, O)
-        windows = F.pad(x, self._padding).unfold(-1, depth_w.shape[-1], 1)  # (S, B, C, T, k)
-        h = (windows * depth_w[:, None, :, None, :]).sum(-1) + depth_b[:, None, :, None]  # (S, B, C, T)
-        S, B, C, T = h.shape
-        flat = h.permute(0, 1, 3, 2).reshape(S, B * T, C)  # every (sample, time) row
-        out = torch.baddbmm(point_b.unsqueeze(1), flat, point_w.transpose(1, 2))  # (S, B·T, O)
-        return torch.relu(out.view(S, B, T, -1).permute(0, 1, 3, 2))  # (S, B, O, T)
+    def forward_stacked(self, params: dict[str, torch.Tensor], prefix: str, h: torch.Tensor) -> torch.Tensor:
+        """S blocks at once on h (S, C, B, T) → (S, O, B, T): sensor, channel, sample, time.
+
+        In this layout the S·C depthwise filters are one depthwise 2-D
+        convolution of a single image with S·C channels (kernel 1 × k, so samples
+        never mix), and the S pointwise filters are one batched matrix product
+        over all B·T (sample, time) columns, with no transposes between blocks.
+        """
+        depth_w = params[f"{prefix}depthwise.weight"]  # (S, C, 1, k)
+        point_w = params[f"{prefix}pointwise.weight"][..., 0]  # (S, O, C)
+        sensors, channels, batch, window = h.shape
+        h = F.conv2d(F.pad(h.reshape(1, sensors * channels, batch, window), self._padding),
+                     depth_w.reshape(sensors * channels, 1, 1, -1), params[f"{prefix}depthwise.bias"].reshape(-1),
+                     groups=sensors * channels)
+        out = torch.baddbmm(params[f"{prefix}pointwise.bias"].unsqueeze(-1), point_w,
+                            h.view(sensors, channels, batch * window))
+        return torch.relu(out).view(sensors, -1, batch, window)
 
 
 class DSCNN(nn.Module):
@@ -76,11 +80,18 @@ class DSCNN(nn.Module):
         return self.classifier(self.blocks(x).mean(dim=-1))
 
     def forward_batched(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """S models at once: ``params`` stacked (S, *shape), x (S, B, C, T) → logits (S, B, classes)."""
-        h = x
+        """S models at once: ``params`` stacked (S, *shape), x (S, B, C, T) → logits (S, B, classes).
+
+        The blocks run on the cohort laid out (S, C, B, T) (see
+        :meth:`DepthwiseSeparable1d.forward_stacked`): grouped convolutions under
+        ``torch.func.vmap`` do not batch, but one depthwise convolution with S·C
+        groups and batched matrix products do. The classifier is one batched
+        matrix product too.
+        """
+        h = x.transpose(1, 2)  # (S, C, B, T); the first convolution reads it strided, once
         for index, block in enumerate(self.blocks):
-            h = block.forward_batched(params, f"blocks.{index}.", h)
-        pooled = h.mean(dim=-1)  # (S, B, width)
+            h = block.forward_stacked(params, f"blocks.{index}.", h)
+        pooled = h.mean(dim=-1).transpose(1, 2)  # (S, B, width)
         weight, bias = params["classifier.weight"], params["classifier.bias"]
         return torch.baddbmm(bias.unsqueeze(1), pooled, weight.transpose(1, 2))
 
