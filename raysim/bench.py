@@ -82,10 +82,14 @@ CEILINGS = {"peak_memory_100k_gb": 8.0}
 SPEC = {"baseline_sensors": 1000, "scaling_cohorts": (1000, 10_000), "memory_fleet": 100_000, "memory_cohort": 10_000}
 
 # Full defaults, and the smoke configuration (every suite in well under a minute on 2 cores).
+# The smoke's plain loop runs single-threaded: its figures mean nothing, and an intra-op thread pool on a busy
+# machine can take seconds per round waiting for its threads.
 DEFAULTS = dict(cohorts=(100, 1000, 10_000), actors=(1, 2, 4), actor_cohort=1000, rounds=5, models=("mlp", "cnn"),
-                baseline_sensors=1000, baseline_rounds=2, memory_fleet=100_000, memory_cohort=10_000, memory_rounds=3)
+                baseline_sensors=1000, baseline_rounds=2, plain_threads=None, memory_fleet=100_000,
+                memory_cohort=10_000, memory_rounds=3)
 SMOKE = dict(cohorts=(20, 40), actors=(1, 2), actor_cohort=40, rounds=3, models=("mlp", "cnn"),
-             baseline_sensors=40, baseline_rounds=2, memory_fleet=200, memory_cohort=40, memory_rounds=3)
+             baseline_sensors=40, baseline_rounds=2, plain_threads=1, memory_fleet=200, memory_cohort=40,
+             memory_rounds=3)
 
 GB = 1e9
 MB = float(1 << 20)
@@ -124,6 +128,8 @@ def add_arguments(parser: argparse.ArgumentParser, default_out: Path | None = No
              f"smoke {smoke['baseline_sensors']})")
     add("--baseline-rounds", metavar="R",
         help=f"rounds the plain PyTorch loop is timed for, the first one is warm-up (default {full['baseline_rounds']})")
+    add("--plain-threads", metavar="N",
+        help="torch threads of the plain PyTorch loop (default: torch's default, one per core; smoke 1)")
     add("--fleet-for-memory", dest="memory_fleet", metavar="N",
         help=f"fleet of the memory suite's big run (default {full['memory_fleet']:,}; smoke {smoke['memory_fleet']})")
     add("--memory-cohort", metavar="K",
@@ -176,6 +182,7 @@ class BenchConfig:
     models: tuple[str, ...]
     baseline_sensors: int
     baseline_rounds: int
+    plain_threads: int | None  # None: torch's default
     memory_fleet: int
     memory_cohort: int
     memory_rounds: int
@@ -188,9 +195,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     """Resolve explicit flags over the smoke or full defaults; any bad value is a :class:`ScenarioError`."""
     base = SMOKE if args.smoke else DEFAULTS
 
-    def pick(name: str, parse) -> Any:
+    def pick(name: str, parse, flag: str | None = None) -> Any:
         value = getattr(args, name)
-        return base[name] if value is None else parse(f"--{name.replace('_', '-')}", value)
+        return base[name] if value is None else parse(flag or f"--{name.replace('_', '-')}", value)
 
     suites: list[str] = []
     for item in args.suite or [",".join(SUITES)]:
@@ -211,8 +218,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         models=pick("models", _model_list),
         baseline_sensors=pick("baseline_sensors", _positive_int),
         baseline_rounds=pick("baseline_rounds", _positive_int),
-        memory_fleet=_positive_int("--fleet-for-memory", args.memory_fleet) if args.memory_fleet is not None
-        else base["memory_fleet"],
+        plain_threads=pick("plain_threads", _positive_int),
+        memory_fleet=pick("memory_fleet", _positive_int, "--fleet-for-memory"),
         memory_cohort=pick("memory_cohort", _positive_int),
         memory_rounds=pick("memory_rounds", _positive_int),
         out=Path(args.out) if args.out is not None else Path(args.default_out),
@@ -227,7 +234,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if config.memory_cohort > config.memory_fleet:
         raise ScenarioError(f"--memory-cohort ({config.memory_cohort:,}) is larger than --fleet-for-memory "
                             f"({config.memory_fleet:,}): a round cannot select more sensors than the fleet has.")
-    if config.out.exists() and config.out.is_dir():
+    if config.out.is_dir():
         raise ScenarioError(f"--out {config.out} is a directory; give the JSON file to write, e.g. {config.out / 'scale.json'}.")
     return config
 
@@ -521,7 +528,7 @@ def _finite(value: Any) -> Any:
 # --------------------------------------------------------------------------- the plain PyTorch baseline
 
 
-def plain_fedavg_rounds(spec: dict[str, Any], rounds: int) -> dict[str, Any]:
+def plain_fedavg_rounds(spec: dict[str, Any], rounds: int, threads: int | None = None) -> dict[str, Any]:
     """The workload's rounds done by a plain per-sensor PyTorch loop in this process, timed.
 
     No raysim training code: the same architecture (``build_model`` is just the
@@ -529,12 +536,12 @@ def plain_fedavg_rounds(spec: dict[str, Any], rounds: int) -> dict[str, Any]:
     global weights in, ``torch.optim.SGD``, shuffle with a torch generator,
     minibatches of ``batch_size`` (the last one smaller), one epoch of
     cross-entropy steps; the new global model is the sample-weighted mean of the
-    local models. Torch keeps its default threading. Every sensor trains every
-    round (the workload's cohort is the whole fleet).
+    local models. Torch keeps its default threading unless ``threads`` is given
+    (and is restored afterwards). Every sensor trains every round (the
+    workload's cohort is the whole fleet).
     """
     import numpy as np
     import torch
-    from torch.nn import functional as F
 
     import raysim
     from raysim.api import default_cache_dir
@@ -549,31 +556,47 @@ def plain_fedavg_rounds(spec: dict[str, Any], rounds: int) -> dict[str, Any]:
     model = build_model(scenario.model, fleet.channels, fleet.window, fleet.classes, seed=scenario.seed)
     global_state = {name: value.detach().clone() for name, value in model.state_dict().items()}
     training = scenario.training
-    batch = int(training.batch_size)
     seconds: list[float] = []
-    for round_index in range(1, rounds + 1):
-        generator = torch.Generator().manual_seed(SEED * 1_000_003 + round_index)
-        started = time.perf_counter()
-        total = 0
-        summed = {name: torch.zeros_like(value) for name, value in global_state.items()}
-        for x, y in sensors:
-            model.load_state_dict(global_state)
-            optimizer = torch.optim.SGD(model.parameters(), lr=training.lr)
-            for _ in range(training.local_epochs):
-                order = torch.randperm(len(y), generator=generator)
-                for start in range(0, len(y), batch):
-                    index = order[start:start + batch]
-                    optimizer.zero_grad()
-                    F.cross_entropy(model(x[index]), y[index]).backward()
-                    optimizer.step()
-            with torch.no_grad():
-                for name, value in model.state_dict().items():
-                    summed[name].add_(value, alpha=len(y))
-            total += len(y)
-        global_state = {name: value / total for name, value in summed.items()}
-        seconds.append(time.perf_counter() - started)
+    default_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        used_threads = torch.get_num_threads()
+        for round_index in range(1, rounds + 1):
+            generator = torch.Generator().manual_seed(SEED * 1_000_003 + round_index)
+            started = time.perf_counter()
+            global_state = _plain_round(model, global_state, sensors, training, generator)
+            seconds.append(time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(default_threads)
     return {"rounds_s": seconds, "round_s": sum(seconds[1:]) / (rounds - 1), "sensors": len(sensors),
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": used_threads}
+
+
+def _plain_round(model: Any, global_state: dict[str, Any], sensors: list[tuple[Any, Any]], training: Any,
+                 generator: Any) -> dict[str, Any]:
+    """One FedAvg round the way one would write it by hand: w ← Σ_i n_i w_i / Σ_i n_i over every sensor i."""
+    import torch
+    from torch.nn import functional as F
+
+    batch = int(training.batch_size)
+    summed = {name: torch.zeros_like(value) for name, value in global_state.items()}
+    total = 0
+    for x, y in sensors:
+        model.load_state_dict(global_state)
+        optimizer = torch.optim.SGD(model.parameters(), lr=training.lr)
+        for _ in range(training.local_epochs):
+            order = torch.randperm(len(y), generator=generator)
+            for start in range(0, len(y), batch):
+                index = order[start:start + batch]
+                optimizer.zero_grad()
+                F.cross_entropy(model(x[index]), y[index]).backward()
+                optimizer.step()
+        with torch.no_grad():
+            for name, value in model.state_dict().items():
+                summed[name].add_(value, alpha=len(y))
+        total += len(y)
+    return {name: value / total for name, value in summed.items()}
 
 
 # --------------------------------------------------------------------------- suites
@@ -587,7 +610,7 @@ def baseline_suite(config: BenchConfig, runner: Runner, actors: int) -> list[dic
         print(f"  plain PyTorch loop, {model}, {sensors:,} sensors, {config.baseline_rounds} rounds ...",
               file=sys.stderr, flush=True)
         plain = plain_fedavg_rounds(workload(model, sensors, sensors, actors, runner.cpus, config.rounds),
-                                    config.baseline_rounds)
+                                    config.baseline_rounds, config.plain_threads)
         print(f"    round {plain['round_s']:.3f} s", file=sys.stderr, flush=True)
         rows.append({
             "workload": model,

@@ -52,15 +52,20 @@ class ClientActor:
         privacy = scenario.privacy
         self.local_dp = privacy if privacy is not None and privacy.mode == "local" else None
         prep = scenario.fleet.data.preprocess
-        loaded = store.read_sensors(fleet.train_path, np.asarray(sensor_ids))
-        flipped = set()
+        # The shard's samples, columnar (one array for all hosted sensors), preprocessed in place per sensor.
+        self.shard = store.read_shard(fleet.train_path, np.asarray(sensor_ids))
+        flipped: set[int] = set()
         if scenario.attack is not None and scenario.attack.kind == "label_flip":
             ids = fleet.profiles.sensor_id
             flipped = set(ids[choose_attackers(scenario.seed, ids, scenario.attack.fraction)].tolist())
-        self.data: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        for sid in list(loaded):  # preprocessed one sensor at a time, so the raw shard is never held twice
-            x, y = loaded.pop(sid)
-            self.data[sid] = (preprocess.apply(x, prep), flip_labels(y, fleet.classes) if sid in flipped else y)
+        for sid, start, count in zip(self.shard.ids.tolist(), self.shard.starts.tolist(), self.shard.counts.tolist()):
+            rows = slice(start, start + count)
+            raw = self.shard.x[rows]
+            processed = preprocess.apply(raw, prep)
+            if processed is not raw:  # no preprocessing hands the same view back
+                raw[...] = processed
+            if sid in flipped:
+                self.shard.y[rows] = flip_labels(self.shard.y[rows], fleet.classes)
         self.sensors_per_batch = int(scenario.cluster.sensors_per_batch)
         self._warm_up()
 
@@ -73,14 +78,14 @@ class ClientActor:
     def _warm_up(self) -> None:
         # torch.func.vmap's first call in a process pays a one-off set-up cost (about 2 s); models
         # without a batched forward train through it, so pay that before round 1.
-        if self.scenario.training.vectorized and self.data and not hasattr(self.model, "forward_batched"):
-            x, y = next(iter(self.data.values()))
+        if self.scenario.training.vectorized and len(self.shard.ids) and not hasattr(self.model, "forward_batched"):
+            x, y = self.shard.samples(int(self.shard.ids[0]))
             plan = self.local.plan(len(y), stream(0, TRAIN, 0, 0))[:1]
             train_vectorized(self.model, self.layout, self.layout.flatten(self.model), [(x, y)], [plan], self.local)
 
     def sensors(self) -> list[int]:
         """The hosted sensor ids; returns once the actor has loaded its data (a readiness check)."""
-        return sorted(self.data)
+        return self.shard.ids.tolist()
 
     def placement(self) -> dict[str, Any]:
         """Where Ray put this actor: node and accelerator ids (for placement checks)."""
@@ -88,7 +93,7 @@ class ClientActor:
         return {
             "node_id": context.get_node_id(),
             "gpu_ids": [str(g) for g in context.get_accelerator_ids().get("GPU", [])],
-            "sensors": len(self.data),
+            "sensors": len(self.shard.ids),
         }
 
     def memory(self) -> dict[str, Any]:
@@ -150,7 +155,9 @@ class ClientActor:
                      weights: tuple[np.ndarray, ...], control: np.ndarray | None, reduce: str | None) -> dict[str, Any]:
         """:meth:`train` for one batch of sensors trained together."""
         seed = self.scenario.seed
-        datasets = [self.data[int(sid)] for sid in sensor_ids]
+        where = self.shard.index(sensor_ids)
+        x, y, starts, counts = self.shard.x, self.shard.y, self.shard.starts[where], self.shard.counts[where]
+        datasets = [(x[s : s + c], y[s : s + c]) for s, c in zip(starts.tolist(), counts.tolist())]
         plans = [
             self.local.plan(len(y), stream(seed, TRAIN, int(sid), int(key)))
             for sid, key, (_, y) in zip(sensor_ids, task_keys, datasets)

@@ -353,7 +353,7 @@ class ClusterSection(Frozen):
     # (largest first, to the least-loaded actor); "contiguous" gives each actor a block of sensor ids.
     balance: Literal["work", "contiguous"] = "work"
     # Sensors trained in one batched computation on a client actor; bounds its memory whatever the cohort.
-    sensors_per_batch: PositiveInt = 1024
+    sensors_per_batch: PositiveInt = 256
     # For aggregations that are a weighted mean of the updates, each client actor sums its own share and
     # sends one vector instead of one update per sensor. Results agree within float rounding either way.
     aggregate_on_actors: bool = True

@@ -316,43 +316,85 @@ def _columns(table: pa.Table, path: Path, channels: int, window: int) -> tuple[n
     return x, y, sensor
 
 
-def read_sensors(path: str | os.PathLike, sensor_ids: Sequence[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """``{sensor_id: (x float32 (n, channels, window), y int64 (n,))}`` for just these sensors.
+@dataclass(frozen=True, eq=False)
+class Shard:
+    """Some sensors' samples, columnar: sensor ``ids[i]`` owns rows ``starts[i] : starts[i] + counts[i]``."""
 
-    Reads one row group at a time and keeps only the requested sensors' rows,
-    so memory peaks at the result plus one row group, however large the file;
-    row groups whose ``sensor`` statistics rule out every requested id are not
-    read at all. Rows keep the file's order within a sensor.
+    ids: np.ndarray  # sorted unique int64
+    starts: np.ndarray  # int64
+    counts: np.ndarray  # int64
+    x: np.ndarray  # float32 (rows, channels, window), one contiguous array
+    y: np.ndarray  # int64 (rows,)
+
+    def index(self, sensor_ids: np.ndarray | Sequence[int]) -> np.ndarray:
+        """Positions in ``ids`` of these sensor ids (each must be in the shard)."""
+        sensor_ids = np.asarray(sensor_ids, dtype=np.int64)
+        where = np.searchsorted(self.ids, sensor_ids)
+        if len(sensor_ids) and (where.max() >= len(self.ids) or (self.ids[where] != sensor_ids).any()):
+            raise KeyError(f"sensor ids not in this shard: {sorted(set(sensor_ids.tolist()) - set(self.ids.tolist()))[:10]}")
+        return where
+
+    def samples(self, sensor_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """One sensor's ``(x, y)``, as views of the shard's arrays."""
+        i = int(self.index([sensor_id])[0])
+        rows = slice(int(self.starts[i]), int(self.starts[i] + self.counts[i]))
+        return self.x[rows], self.y[rows]
+
+
+def read_shard(path: str | os.PathLike, sensor_ids: Sequence[int]) -> Shard:
+    """Just these sensors' samples, as one columnar :class:`Shard`.
+
+    Two passes over the row groups that may hold them (a group whose
+    ``sensor`` statistics rule out every requested id is never read): the
+    first reads only the ``sensor`` column to size the arrays, the second
+    fills them one row group at a time, so memory peaks at the result plus one
+    row group however large the file. Rows keep the file's order within a sensor.
     """
     path = Path(path)
     wanted = np.array(sorted({int(i) for i in sensor_ids}), dtype=np.int64)
     pf = _open(path)
     channels, window = _shape(pf, path)
-    if not len(wanted):
-        return {}
-    pieces: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
     try:
-        for group in _groups_that_may_hold(pf, wanted):
+        groups = _groups_that_may_hold(pf, wanted) if len(wanted) else []
+        counts = np.zeros(len(wanted), dtype=np.int64)
+        for group in groups:
+            sensor = pf.read_row_group(group, columns=["sensor"]).column("sensor").to_numpy().astype(np.int64)
+            hit = sensor[np.isin(sensor, wanted)]
+            np.add.at(counts, np.searchsorted(wanted, hit), 1)
+        missing = wanted[counts == 0].tolist()
+        if missing:
+            shown = ", ".join(str(i) for i in missing[:10]) + (" …" if len(missing) > 10 else "")
+            raise _fail(path, f"column 'sensor' has no rows for sensor ids {shown}")
+        starts = np.cumsum(counts) - counts
+        fill = starts.copy()  # next free row of each sensor
+        x = None
+        y = np.empty(int(counts.sum()), dtype=np.int64)
+        for group in groups:
             table = pf.read_row_group(group, columns=["sensor", "label", "x"])
-            x, y, sensor = _columns(table, path, channels, window)
-            keep = np.isin(sensor, wanted)
-            if not keep.any():
-                continue
-            order = np.flatnonzero(keep)[np.argsort(sensor[keep], kind="stable")]
-            x, y, sensor = x[order], y[order], sensor[order]  # copies of the kept rows only
-            ids, starts, counts = np.unique(sensor, return_index=True, return_counts=True)
-            for i, s, c in zip(ids.tolist(), starts.tolist(), counts.tolist()):
-                pieces.setdefault(i, []).append((x[s : s + c], y[s : s + c]))
+            gx, gy, sensor = _columns(table, path, channels, window)
+            if x is None:
+                x = np.empty((len(y), *gx.shape[1:]), dtype=np.float32)
+            keep = np.flatnonzero(np.isin(sensor, wanted))
+            keep = keep[np.argsort(sensor[keep], kind="stable")]
+            owner = np.searchsorted(wanted, sensor[keep])
+            # Rows of one sensor are consecutive in `keep`; each goes to its sensor's next free rows.
+            rank = np.arange(len(keep)) - np.searchsorted(owner, owner)
+            rows = fill[owner] + rank
+            x[rows], y[rows] = gx[keep], gy[keep]
+            np.add.at(fill, owner, 1)
     except pa.ArrowException as exc:
         raise _fail(path, f"cannot be read ({exc})") from None
-    missing = [i for i in wanted.tolist() if i not in pieces]
-    if missing:
-        shown = ", ".join(str(i) for i in missing[:10]) + (" …" if len(missing) > 10 else "")
-        raise _fail(path, f"column 'sensor' has no rows for sensor ids {shown}")
-    return {
-        i: parts[0] if len(parts) == 1 else (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
-        for i, parts in sorted(pieces.items())
-    }
+    if x is None:
+        x = np.empty((0, channels, window), dtype=np.float32)
+    return Shard(wanted, starts, counts, x, y)
+
+
+def read_sensors(path: str | os.PathLike, sensor_ids: Sequence[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """``{sensor_id: (x float32 (n, channels, window), y int64 (n,))}`` for just these sensors
+    (views of one :func:`read_shard`)."""
+    shard = read_shard(path, sensor_ids)
+    return {int(i): (shard.x[s : s + c], shard.y[s : s + c])
+            for i, s, c in zip(shard.ids, shard.starts, shard.counts)}
 
 
 def _groups_that_may_hold(pf: pq.ParquetFile, wanted: np.ndarray) -> list[int]:
