@@ -47,9 +47,10 @@ class Placement:
     """How the fleet is spread: contiguous blocks of sensor positions per client actor."""
 
     client_actors: int
-    sensors_per_actor: int
+    sensors_per_actor: int  # at most; exactly, for all but the last, with contiguous shards
     num_cpus: float
     num_gpus: float
+    fixed_size: bool = False  # cluster.sensors_per_actor was given: balanced shards must not exceed it either
 
     def shards(self, sensors: int) -> list[np.ndarray]:
         """Contiguous blocks of ``sensors_per_actor`` positions (``cluster.balance: contiguous``)."""
@@ -62,16 +63,16 @@ class Placement:
         """Positions per actor so that every actor gets about the same total ``work`` (``cluster.balance: work``).
 
         Longest processing time first (Graham 1969): sensors in decreasing order
-        of work, each to the actor with the least work so far that still has
-        room for ``sensors_per_actor`` sensors (ties to the lower actor index).
-        The heaviest actor ends within one sensor's work of the mean. Each shard
-        is sorted.
+        of work, each to the actor with the least work so far (ties to the lower
+        actor index), which leaves the busiest actor within one sensor's work of
+        the mean. With a fixed ``sensors_per_actor``, a full actor takes no more.
+        Each shard is sorted.
         """
         work = np.asarray(work, dtype=np.float64)
-        actors = math.ceil(len(work) / self.sensors_per_actor) if len(work) else 0
+        actors = min(self.client_actors, len(work))
+        room = [self.sensors_per_actor if self.fixed_size else len(work)] * actors
         owner = np.empty(len(work), dtype=np.int64)
         heap = [(0.0, index) for index in range(actors)]
-        room = [self.sensors_per_actor] * actors
         for position in np.argsort(-work, kind="stable").tolist():
             load, index = heapq.heappop(heap)
             owner[position] = index
@@ -122,7 +123,8 @@ def plan_placement(scenario: Scenario, resources: dict[str, float]) -> Placement
         actors = min(actors, sensors)
         per_actor = math.ceil(sensors / actors)
         actors = math.ceil(sensors / per_actor)
-    placement = Placement(actors, per_actor, section.num_cpus, section.num_gpus)
+    placement = Placement(actors, per_actor, section.num_cpus, section.num_gpus,
+                          fixed_size=section.sensors_per_actor != "auto")
     _check_fits(placement, cpus, gpus, scenario.source)
     return placement
 

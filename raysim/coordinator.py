@@ -385,6 +385,7 @@ class Coordinator:
                  virtual_time_s=self.virtual_time_s, **server_state)
         summary = summarize(self.recorder.metrics_table(), self.scenario.logging.target_accuracy)
         # Raw float32 bytes per byte sent (SCAFFOLD's control travels raw).
+        summary["aggregated_on_actors"] = self.reduce is not None
         summary["uplink_compression"] = self.compression["uplink"]
         summary["downlink_compression"] = self.compression["downlink"]
         if self.accountant is not None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 
-def assert_tables_identical(left, right) -> None:
-    """Every column equal, bit for bit, with NaN equal to NaN (pyarrow's equals says NaN != NaN)."""
+def assert_tables_identical(left, right, rtol: float = 0.0) -> None:
+    """Every column equal, bit for bit, with NaN equal to NaN (pyarrow's equals says NaN != NaN);
+    with ``rtol``, float columns only within that relative tolerance."""
     import numpy as np
 
     assert left.column_names == right.column_names
@@ -12,7 +13,10 @@ def assert_tables_identical(left, right) -> None:
     for name in left.column_names:
         a = left[name].to_numpy(zero_copy_only=False)
         b = right[name].to_numpy(zero_copy_only=False)
-        same = np.array_equal(a, b, equal_nan=True) if a.dtype.kind == "f" else np.array_equal(a, b)
+        if a.dtype.kind == "f":
+            same = np.allclose(a, b, rtol=rtol, atol=0.0, equal_nan=True) if rtol else np.array_equal(a, b, equal_nan=True)
+        else:
+            same = np.array_equal(a, b)
         assert same, f"column {name} differs"
 
 
