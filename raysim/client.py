@@ -21,7 +21,7 @@ from raysim.fleet import FleetData, preprocess, store
 from raysim.metrics import peak_rss_mb
 from raysim.models import ParamLayout, build_model
 from raysim.scenario import Scenario
-from raysim.streams import COMPRESS, PRIVACY, TRAIN, stream
+from raysim.streams import COMPRESS, PRIVACY, TRAIN, keyed_streams, stream
 from raysim.attacks import choose_attackers, flip_labels
 from raysim.compression import CODECS, ErrorFeedback
 from raysim.privacy import local_dp
@@ -158,10 +158,9 @@ class ClientActor:
         where = self.shard.index(sensor_ids)
         x, y, starts, counts = self.shard.x, self.shard.y, self.shard.starts[where], self.shard.counts[where]
         datasets = [(x[s : s + c], y[s : s + c]) for s, c in zip(starts.tolist(), counts.tolist())]
-        plans = [
-            self.local.plan(len(y), stream(seed, TRAIN, int(sid), int(key)))
-            for sid, key, (_, y) in zip(sensor_ids, task_keys, datasets)
-        ]
+        # Each task's batch order from stream(seed, TRAIN, sensor, key), the generators seeded in bulk.
+        rngs = keyed_streams(seed, TRAIN, np.stack([sensor_ids, task_keys], axis=1).astype(np.int64))
+        plans = [self.local.plan(int(n), rng) for n, rng in zip(counts.tolist(), rngs)]
         start = weights[0] if len(weights) == 1 else np.stack([weights[v] for v in version_slots])
         trainer = train_vectorized if self.scenario.training.vectorized else train_reference
         out: dict[str, Any] = {}

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, NamedTuple, Sequence
 import numpy as np
 
 from raysim.fleet.profiles import FleetProfiles
-from raysim.streams import CLOCK, stream
+from raysim.streams import CLOCK, keyed_streams, stream
 
 if TYPE_CHECKING:
     from raysim.availability import Availability
@@ -122,7 +122,9 @@ def plan_tasks(
     start = np.broadcast_to(np.asarray(dispatched_at, dtype=np.float64), (count,)).tolist()
     down = np.broadcast_to(np.asarray(bytes_down), (count,)).tolist()
     up = np.broadcast_to(np.asarray(bytes_up), (count,)).tolist()
-    rows = [_timing(profiles, i, seed, keys[i], start[i], down[i], up[i], epochs) for i in range(count)]
+    key_rows = np.stack([profiles.sensor_id.astype(np.int64), np.asarray(keys, dtype=np.int64)], axis=1)
+    rngs = keyed_streams(seed, CLOCK, key_rows.reshape(count, 2))  # = stream(seed, CLOCK, sensor, key), seeded in bulk
+    rows = [_timing(profiles, i, rng, start[i], down[i], up[i], epochs) for i, rng in zip(range(count), rngs)]
     if availability is not None:
         gone = availability.first_offline(positions, start, [row.arrived_at for row in rows])
         for i in np.flatnonzero(np.isfinite(gone)):
@@ -143,7 +145,8 @@ def plan_task(
     availability: "Availability | None" = None,
 ) -> TaskTiming:
     """:func:`plan_tasks` for one task of the sensor at fleet ``position``, with plain scalars (the async loop's path)."""
-    row = _timing(profiles, position, seed, task_key, dispatched_at, bytes_down, bytes_up, epochs)
+    rng = stream(seed, CLOCK, int(profiles.sensor_id[position]), task_key)
+    row = _timing(profiles, position, rng, dispatched_at, bytes_down, bytes_up, epochs)
     if availability is not None:
         gone = availability.offline_within(position, dispatched_at, row.arrived_at)
         if math.isfinite(gone):
@@ -151,10 +154,10 @@ def plan_task(
     return row
 
 
-def _timing(profiles: FleetProfiles, i: int, seed: int, key: int, start: float, bytes_down: float,
+def _timing(profiles: FleetProfiles, i: int, rng: np.random.Generator, start: float, bytes_down: float,
             bytes_up: float, epochs: int) -> TaskTiming:
-    """Row ``i``'s task, ignoring availability: its seeded losses and jitter, then the formulas above."""
-    rng = stream(seed, CLOCK, int(profiles.sensor_id[i]), key)
+    """Row ``i``'s task, ignoring availability: its losses and jitter drawn from ``rng`` (the task's
+    stream(seed, CLOCK, sensor, key)), then the formulas above."""
     loss, retries = float(profiles.loss[i]), int(profiles.max_retries[i])
     down_attempts = _attempts(rng, loss, retries)
     up_attempts = _attempts(rng, loss, retries)

@@ -340,6 +340,10 @@ def train_vectorized(
     # backward of slicing a flat row would materialise a zero (S, d) tensor
     # per parameter tensor.
     cohort_step = _batched_step(model) or vmap(grad_and_value(batch_loss))
+    # Plain SGD (no weight decay, momentum, proximal or drift term) on a model that can take the step
+    # itself never stores a gradient: see MLP.sgd_step_batched.
+    plain = not (cfg.weight_decay or cfg.momentum or cfg.prox_mu) and correction is None
+    fused_step = getattr(model, "sgd_step_batched", None) if plain else None
     # Row r of every stacked state is sensor active[r]; fancy indexing copies, so all are private to this call.
     weights = torch.from_numpy(global_flat[active])
     start = weights.clone() if cfg.prox_mu else None  # the proximal anchor w₀, kept only when used
@@ -366,6 +370,10 @@ def train_vectorized(
         x_b = x_all.index_select(0, index_t).view(width, batch_width, *sample_shape)
         y_b = y_all.index_select(0, index_t).view(width, batch_width)
         params = layout.split(weights[:width])  # views into the stacked weights
+        if fused_step is not None:
+            losses = fused_step(params, x_b, y_b, torch.from_numpy(mask), rates[:width])
+            step_losses[:width] += losses.to(torch.float64)
+            continue
         grads, losses = cohort_step(params, x_b, y_b, torch.from_numpy(mask))
         with torch.no_grad():
             local_step(

@@ -162,7 +162,11 @@ def test_two_sgd_steps_follow_the_batch_plan():
 # --------------------------------------------------------------------------- vectorized == reference
 
 
-@pytest.mark.parametrize("config", [MLP, DSCNN], ids=["mlp", "dscnn"])
+DEEP_TANH = MLPConfig(hidden=(10, 7), activation="tanh")  # the fused SGD step's other activation, two hidden layers
+LOGISTIC = MLPConfig(hidden=())  # and no hidden layer at all
+
+
+@pytest.mark.parametrize("config", [MLP, DSCNN, DEEP_TANH, LOGISTIC], ids=["mlp", "dscnn", "mlp-tanh", "logistic"])
 @pytest.mark.parametrize(
     "epochs,batch_size,weight_decay",
     [(1, 4, 0.0), (3, 5, 0.01), (2, None, 0.0), (2, None, 0.05), (1, 64, 0.0)],
