@@ -74,7 +74,7 @@ def test_label_flipping_attackers_train_on_flipped_labels(ray_session):
     bad = malicious_ids(s)
     assert 0 < len(bad) < len(ids)
     for sid in ids.tolist():
-        (_, y), (_, y_clean) = attacked.data[sid], clean.data[sid]
+        (_, y), (_, y_clean) = attacked.shard.samples(sid), clean.shard.samples(sid)
         expected = fleet.classes - 1 - y_clean if sid in bad else y_clean
         np.testing.assert_array_equal(y, expected)
 
