@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import time
@@ -73,20 +72,21 @@ def run(
     started_ray = cluster.connect(address)
     created: list[Any] = []
     made_dir = False
+    finished = False
     try:
         placement = cluster.plan_placement(scenario, cluster.cluster_resources())
         run_dir.mkdir(parents=True, exist_ok=True)
         made_dir = True
         (run_dir / "scenario.yaml").write_text(scenario.to_yaml())
         result = _drive(scenario, fleet, availability, placement, run_dir, created, progress)
+        finished = True
     except RaysimError:
         if made_dir:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     finally:
-        for handle in created:
-            with contextlib.suppress(Exception):
-                ray.kill(handle)
+        # A finished run's actors wait, reloadable, for the next run in this Ray session; any other run's die.
+        cluster.release(created, keep=finished and not started_ray)
         if started_ray:
             ray.shutdown()
     return result

@@ -18,7 +18,7 @@ import ray
 import torch
 
 from raysim.fleet import FleetData, preprocess, store
-from raysim.metrics import peak_rss_mb
+from raysim.metrics import peak_rss_mb, reset_peak_rss
 from raysim.models import ParamLayout, build_model
 from raysim.scenario import Scenario
 from raysim.streams import COMPRESS, PRIVACY, TRAIN, keyed_streams, stream
@@ -68,6 +68,13 @@ class ClientActor:
                 self.shard.y[rows] = flip_labels(self.shard.y[rows], fleet.classes)
         self.sensors_per_batch = int(scenario.cluster.sensors_per_batch)
         self._warm_up()
+
+    def reload(self, scenario: Scenario, fleet: FleetData, sensor_ids: np.ndarray) -> None:
+        """Become a new actor for another run, in this process (see ``raysim.cluster.ACTOR_POOL``):
+        every attribute dropped, the constructor run again, and the peak-memory figure started afresh."""
+        self.__dict__.clear()
+        reset_peak_rss()
+        self.__init__(scenario, fleet, sensor_ids)
 
     def _encode(self, sensor_id: int, task_key: int, update: np.ndarray) -> bytes:
         rng = stream(self.scenario.seed, COMPRESS, sensor_id, task_key)

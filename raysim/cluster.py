@@ -7,11 +7,13 @@ against what the cluster has: a request the cluster can never satisfy is a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import heapq
 import logging
 import math
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,22 +157,87 @@ def _remote(cls: type) -> Any:
     return ray.remote(cls)
 
 
+class _ActorPool:
+    """Client actors and coordinators kept alive between runs in one Ray session, to be reloaded.
+
+    Starting an actor costs a process and its imports (seconds, with torch);
+    reloading one runs its constructor again in the same process, which resets
+    every piece of its state. Only the actors of the last finished run are
+    kept, and any that the next run does not reuse are killed before it starts
+    new ones, so idle actors never hold resources another run needs.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.job: str | None = None  # the Ray job the handles belong to
+        self.idle: list[tuple[tuple, Any]] = []  # (kind, handle); kind = (class name, num_cpus, num_gpus)
+        self.leased: dict[int, tuple] = {}  # id(handle) → kind, for handles lent to a run
+
+    def start(self, cls: type, options: dict[str, float], args_per_actor: list[tuple]) -> list[Any]:
+        """One actor of ``cls`` per argument tuple: idle ones of the same kind reloaded, the rest started."""
+        kind = (cls.__name__, float(options["num_cpus"]), float(options.get("num_gpus", 0.0)))
+        with self.lock:
+            job = ray.get_runtime_context().get_job_id()
+            if job != self.job:  # a new Ray session: the old handles are gone with the old one
+                self.job, self.idle, self.leased = job, [], {}
+            reuse = [handle for k, handle in self.idle if k == kind][: len(args_per_actor)]
+            for k, handle in self.idle:
+                if not any(handle is r for r in reuse):
+                    _kill(handle)
+            self.idle = []
+            handles = []
+            for i, args in enumerate(args_per_actor):
+                if i < len(reuse):
+                    reuse[i].reload.remote(*args)  # ordered before any later call on the handle
+                    handles.append(reuse[i])
+                else:
+                    handles.append(_remote(cls).options(**options).remote(*args))
+                self.leased[id(handles[-1])] = kind
+        return handles
+
+    def release(self, handles: list[Any], keep: bool) -> None:
+        """A run is over: keep its actors for the next run (``keep``), or kill them."""
+        with self.lock:
+            for handle in handles:
+                kind = self.leased.pop(id(handle), None)
+                if keep and kind is not None and ray.is_initialized():
+                    self.idle.append((kind, handle))
+                else:
+                    _kill(handle)
+
+
+def _kill(handle: Any) -> None:
+    with contextlib.suppress(Exception):
+        ray.kill(handle)
+
+
+ACTOR_POOL = _ActorPool()
+
+
 def start_client_actors(scenario: Scenario, fleet: Any, placement: Placement) -> list[Any]:
-    """Start one ClientActor per shard with the placement's CPU / GPU share; each loads its sensors."""
+    """One ClientActor per shard with the placement's CPU / GPU share; each loads its sensors.
+
+    Actors idle from the previous run in this Ray session are reloaded rather
+    than started (see :class:`_ActorPool`); hand them back with :func:`release`.
+    """
     from raysim.client import ClientActor
 
     options = {"num_cpus": placement.num_cpus, "num_gpus": placement.num_gpus}
-    return [
-        _remote(ClientActor).options(**options).remote(scenario, fleet, fleet.profiles.sensor_id[shard])
-        for shard in shard_sensors(scenario, fleet, placement)
-    ]
+    shards = shard_sensors(scenario, fleet, placement)
+    return ACTOR_POOL.start(ClientActor, options, [(scenario, fleet, fleet.profiles.sensor_id[s]) for s in shards])
 
 
 def start_coordinator(
     scenario: Scenario, fleet: Any, availability: Any, actors: list[Any], placement: Placement, run_dir: str
 ) -> Any:
-    """Start the Coordinator actor; it mostly waits on client actors, so it reserves no CPU."""
+    """Start (or reload) the Coordinator actor; it mostly waits on client actors, so it reserves no CPU."""
     from raysim.coordinator import Coordinator
 
     shards = shard_sensors(scenario, fleet, placement)
-    return _remote(Coordinator).options(num_cpus=0).remote(scenario, fleet, availability, actors, shards, run_dir)
+    args = (scenario, fleet, availability, actors, shards, run_dir)
+    return ACTOR_POOL.start(Coordinator, {"num_cpus": 0}, [args])[0]
+
+
+def release(handles: list[Any], keep: bool = True) -> None:
+    """Hand back the actors of a finished run: kept for the next run in this Ray session, or killed."""
+    ACTOR_POOL.release(handles, keep)

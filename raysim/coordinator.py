@@ -30,7 +30,7 @@ from raysim.clock import APPLIED, LATE, LOST, OFFLINE, TaskPlan, TaskTiming, pla
 from raysim.compression import CODECS
 from raysim.errors import AggregationError
 from raysim.fleet import FleetData, preprocess, store
-from raysim.metrics import RunRecorder, peak_rss_mb, summarize
+from raysim.metrics import RunRecorder, peak_rss_mb, reset_peak_rss, summarize
 from raysim.models import ParamLayout, build_model, init_weights
 from raysim.privacy import CentralDP, RunAccountant
 from raysim.scenario import Scenario
@@ -111,6 +111,13 @@ class Coordinator:
         self.reduce = self._reduction()
         self.trainings_done: list[_Training] = []  # collected since the last recorded step: their wall times
         self.loop = SyncRounds(self) if scenario.aggregation.mode == "sync" else AsyncSteps(self)
+
+    def reload(self, *args: Any) -> None:
+        """Become a new actor for another run, in this process (see ``raysim.cluster.ACTOR_POOL``):
+        every attribute dropped, the constructor run again, and the peak-memory figure started afresh."""
+        self.__dict__.clear()
+        reset_peak_rss()
+        self.__init__(*args)
 
     def start_clock(self) -> None:
         """Start the wall clock of the run's throughput figures (called once every client actor is ready)."""

@@ -86,9 +86,29 @@ WALL_CLOCK_COLUMNS = ("wall_time_s", "updates_per_s", "train_wall_s", "actor_bus
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set size so far, in MB (Linux reports ru_maxrss in KiB, macOS in bytes)."""
+    """This process's peak resident set size, in MB, since it started or since :func:`reset_peak_rss`.
+
+    Linux's VmHWM where available (it can be reset), else ``getrusage``'s
+    ru_maxrss (KiB on Linux, bytes on macOS), which covers the whole process life.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+
+
+def reset_peak_rss() -> None:
+    """Start :func:`peak_rss_mb` afresh from the current resident size (Linux; elsewhere a no-op)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        pass
 
 
 # actors.parquet: one row per (round or async step, client actor) that trained in it.
