@@ -238,6 +238,14 @@ def start_coordinator(
     return ACTOR_POOL.start(Coordinator, {"num_cpus": 0}, [args])[0]
 
 
+def release_idle() -> None:
+    """Kill the actors kept idle from the last run, e.g. before measuring a run in fresh processes."""
+    with ACTOR_POOL.lock:
+        idle, ACTOR_POOL.idle = ACTOR_POOL.idle, []
+    for _, handle in idle:
+        _kill(handle)
+
+
 def release(handles: list[Any], keep: bool = True) -> None:
     """Hand back the actors of a finished run: kept for the next run in this Ray session, or killed."""
     ACTOR_POOL.release(handles, keep)
