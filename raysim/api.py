@@ -20,7 +20,7 @@ from raysim.availability import Availability
 from raysim.compression import CODECS
 from raysim.errors import RaysimError, RaysimWarning, ScenarioError
 from raysim.fleet import prepare_fleet
-from raysim.metrics import peak_rss_mb, write_json
+from raysim.metrics import peak_rss_mb, reset_peak_rss, write_json
 from raysim.models import ParamLayout, build_model
 from raysim.scenario import Scenario, load_scenario
 
@@ -54,7 +54,10 @@ def run(
     """Run a scenario end to end and return its results.
 
     Everything that can be checked is checked before the run directory is
-    created, so bad input never leaves a half-written run behind. Without an
+    created, so bad input never leaves a half-written run behind. In a Ray
+    session this call did not start, a finished run's actors stay idle for the
+    next run, which reloads them instead of starting processes;
+    ``raysim.cluster.release_idle()`` frees them. Without an
     ``address`` a local Ray instance sized to the machine is started (or the
     one already initialized in this process is used); with one, raysim
     connects to that cluster. ``progress`` is called with each round's row.
@@ -69,6 +72,7 @@ def run(
     _check_codec(scenario, fleet)
     _check_privacy_budget(scenario)
 
+    reset_peak_rss()  # the summary's driver figure is this run's peak
     started_ray = cluster.connect(address)
     created: list[Any] = []
     made_dir = False

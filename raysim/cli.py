@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     from raysim import bench as bench_module  # imports Ray and torch only when it runs
 
     bench = commands.add_parser("bench", help="benchmark throughput, memory and communication; JSON + PNG plots",
-                                description=bench_module.__doc__.splitlines()[0])
+                                description=bench_module.DESCRIPTION)
     bench_module.add_arguments(bench)
     bench.set_defaults(handler=_bench)
     return parser

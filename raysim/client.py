@@ -8,7 +8,6 @@ The training itself lives in :mod:`raysim.training`.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import replace
 from typing import Any
@@ -18,7 +17,7 @@ import ray
 import torch
 
 from raysim.fleet import FleetData, preprocess, store
-from raysim.metrics import peak_rss_mb, reset_peak_rss
+from raysim.metrics import process_memory, reset_peak_rss
 from raysim.models import ParamLayout, build_model
 from raysim.scenario import Scenario
 from raysim.streams import COMPRESS, PRIVACY, TRAIN, keyed_streams, stream
@@ -105,7 +104,7 @@ class ClientActor:
 
     def memory(self) -> dict[str, Any]:
         """This actor's process id and peak resident memory so far, in MB (``getrusage`` high-water mark)."""
-        return {"pid": os.getpid(), "peak_mb": peak_rss_mb()}
+        return process_memory()
 
     def train(
         self,

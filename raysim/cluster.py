@@ -164,7 +164,9 @@ class _ActorPool:
     reloading one runs its constructor again in the same process, which resets
     every piece of its state. Only the actors of the last finished run are
     kept, and any that the next run does not reuse are killed before it starts
-    new ones, so idle actors never hold resources another run needs.
+    new ones, so idle actors never hold resources another raysim run needs.
+    They do hold their resources until then: :func:`release_idle` frees them
+    (e.g. before other work on a shared cluster from the same driver).
     """
 
     def __init__(self) -> None:
@@ -181,10 +183,13 @@ class _ActorPool:
             if job != self.job:  # a new Ray session: the old handles are gone with the old one
                 self.job, self.idle, self.leased = job, [], {}
             reuse = [handle for k, handle in self.idle if k == kind][: len(args_per_actor)]
+            others = []  # idle actors of other classes stay for their own start() call
             for k, handle in self.idle:
-                if not any(handle is r for r in reuse):
+                if k[0] != cls.__name__:
+                    others.append((k, handle))
+                elif not any(handle is r for r in reuse):
                     _kill(handle)
-            self.idle = []
+            self.idle = others
             handles = []
             for i, args in enumerate(args_per_actor):
                 if i < len(reuse):

@@ -30,7 +30,7 @@ from raysim.clock import APPLIED, LATE, LOST, OFFLINE, TaskPlan, TaskTiming, pla
 from raysim.compression import CODECS
 from raysim.errors import AggregationError
 from raysim.fleet import FleetData, preprocess, store
-from raysim.metrics import RunRecorder, peak_rss_mb, reset_peak_rss, summarize
+from raysim.metrics import RunRecorder, peak_rss_mb, process_memory, reset_peak_rss, summarize
 from raysim.models import ParamLayout, build_model, init_weights
 from raysim.privacy import CentralDP, RunAccountant
 from raysim.scenario import Scenario
@@ -118,6 +118,10 @@ class Coordinator:
         self.__dict__.clear()
         reset_peak_rss()
         self.__init__(*args)
+
+    def memory(self) -> dict[str, Any]:
+        """This actor's process id and peak resident memory in MB."""
+        return process_memory()
 
     def start_clock(self) -> None:
         """Start the wall clock of the run's throughput figures (called once every client actor is ready)."""

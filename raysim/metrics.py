@@ -102,6 +102,11 @@ def peak_rss_mb() -> float:
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
 
+def process_memory() -> dict[str, Any]:
+    """This process's id and :func:`peak_rss_mb` (what an actor's ``memory()`` reports)."""
+    return {"pid": os.getpid(), "peak_mb": peak_rss_mb()}
+
+
 def reset_peak_rss() -> None:
     """Start :func:`peak_rss_mb` afresh from the current resident size (Linux; elsewhere a no-op)."""
     try:

@@ -225,3 +225,26 @@ def test_vectorized_and_reference_runs_agree(ray_session, tmp_path, case):
     np.testing.assert_allclose(fast.global_weights, slow.global_weights, atol=2e-5)
     np.testing.assert_allclose(fast.metrics["train_loss"].to_numpy(), slow.metrics["train_loss"].to_numpy(),
                                rtol=1e-4)
+
+
+@pytest.mark.ray
+def test_a_run_on_reloaded_actors_is_the_run_on_new_ones(ray_session, tmp_path):
+    from raysim import cluster
+
+    def idle_pids():
+        return sorted(ray_session.get([h.memory.remote() for _, h in cluster.ACTOR_POOL.idle])[i]["pid"]
+                      for i in range(len(cluster.ACTOR_POOL.idle)))
+
+    scaffold = tiny(**{"aggregation.strategy": {"name": "scaffold"}, "compression.uplink": {"name": "topk", "fraction": 0.3},
+                       "compression.error_feedback": True})  # per-sensor state on the actors: controls, residuals
+    cluster.release_idle()
+    first = raysim.run(scaffold, out_dir=tmp_path / "first")
+    pids = idle_pids()
+    assert len(pids) == 3  # two client actors and the coordinator wait for the next run
+    second = raysim.run(scaffold, out_dir=tmp_path / "second")
+    assert idle_pids() == pids  # the same processes ran it
+    assert_tables_identical(pq.read_table(second.run_dir / "events.parquet"),
+                            pq.read_table(first.run_dir / "events.parquet"))
+    np.testing.assert_array_equal(second.global_weights, first.global_weights)
+    cluster.release_idle()
+    assert cluster.ACTOR_POOL.idle == []
