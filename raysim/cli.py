@@ -174,10 +174,21 @@ def _summary_table(summary: dict[str, Any]):
         ("wall time", _fmt(summary.get("wall_time_s"), ",.1f", " s")),
         *_target_rows(summary),
         ("throughput", _fmt(summary.get("updates_per_s"), ",.0f", " sensor updates/s")),
+        *_memory_rows(summary.get("memory")),
     ]
     for name, value in rows:
         table.add_row(name, value)
     return table
+
+
+def _memory_rows(memory: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """Peak resident memory (summed per-process peaks), for runs that recorded it."""
+    if not memory:
+        return []
+    actors = memory.get("client_actors_peak_mb", [])
+    return [("peak memory: total (driver / coordinator / actors)",
+             f"{memory['total_peak_mb'] / 1024:,.1f} GB ({memory['driver_peak_mb']:,.0f} / "
+             f"{memory['coordinator_peak_mb']:,.0f} / {sum(actors):,.0f} MB)")]
 
 
 def _privacy_rows(privacy: dict[str, Any] | None) -> list[tuple[str, str]]:

@@ -35,3 +35,14 @@ def test_summary_splits_the_bytes_to_target_by_direction():
                   cumulative_bytes_up=[10, 20, 30], cumulative_bytes_down=[100, 200, 300])
     summary = summarize(pa.Table.from_pydict(values, schema=METRICS_SCHEMA), target_accuracy=0.5)
     assert (summary["round_to_target"], summary["bytes_to_target"], summary["bytes_up_to_target"]) == (2, 220, 20)
+
+
+def test_the_summary_shows_peak_memory_per_process_kind():
+    from raysim.cli import _memory_rows
+
+    memory = {"driver_peak_mb": 500.0, "coordinator_peak_mb": 300.0, "client_actors_peak_mb": [1000.0, 1248.0],
+              "total_peak_mb": 3048.0}
+    [(name, text)] = _memory_rows(memory)
+    assert "driver / coordinator / actors" in name
+    assert text == "3.0 GB (500 / 300 / 2,248 MB)"
+    assert _memory_rows(None) == []  # runs recorded before the figure existed
