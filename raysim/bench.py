@@ -64,7 +64,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -163,16 +162,10 @@ def build_parser(prog: str = "raysim bench", default_out: Path | None = None) ->
 
 def main(argv: Sequence[str] | None = None, *, default_out: Path | None = None, prog: str = "raysim bench") -> int:
     """Run the harness from command-line arguments; 0 on success, 2 on bad input."""
+    from raysim.cli import guarded
+
     args = build_parser(prog, default_out).parse_args(argv)
-    try:
-        return run_from_args(args)
-    except RaysimError as exc:
-        message = textwrap.fill(str(exc), width=100, subsequent_indent="  ", break_on_hyphens=False)
-        print(f"raysim: error: {message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("raysim: interrupted", file=sys.stderr)
-        return 130
+    return guarded(lambda: run_from_args(args))
 
 
 def run_from_args(args: argparse.Namespace) -> int:

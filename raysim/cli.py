@@ -13,7 +13,7 @@ import sys
 import textwrap
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from raysim.errors import RaysimError, RaysimWarning, ScenarioError
 
@@ -21,10 +21,16 @@ from raysim.errors import RaysimError, RaysimWarning, ScenarioError
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    return guarded(lambda: args.handler(args))
+
+
+def guarded(command: Callable[[], int]) -> int:
+    """Run a command's body: raysim's warnings as one line, a :class:`RaysimError` as one paragraph
+    and exit status 2, an interrupt as status 130."""
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
-            return args.handler(args)
+            return command()
     except RaysimError as exc:
         message = textwrap.fill(str(exc), width=100, subsequent_indent="  ", break_on_hyphens=False)
         print(f"raysim: error: {message}", file=sys.stderr)
