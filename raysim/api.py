@@ -128,13 +128,26 @@ def _check_privacy_budget(scenario: Scenario) -> None:
             f"noise_multiplier, or lower the cohort.")
 
 
+def _placement_record(placement: cluster.Placement, where: list[dict[str, Any]]) -> dict[str, Any]:
+    """placement.json: what each client actor asked for and the node and GPUs Ray gave it."""
+    return {
+        "client_actors": placement.client_actors,
+        "scheduling": placement.scheduling,
+        "per_actor": {"num_cpus": placement.num_cpus, "num_gpus": placement.num_gpus,
+                      "resources": dict(placement.resources)},
+        "nodes": sorted({w["node_id"] for w in where}),
+        "actors": [{"actor": index, **w} for index, w in enumerate(where)],
+    }
+
+
 def _drive(scenario, fleet, availability, placement, run_dir: Path, created: list, progress) -> RunResult:
     actors = cluster.start_client_actors(scenario, fleet, placement)
     created.extend(actors)
     # The coordinator starts while the client actors load their shards; the clock starts once all are up.
     coordinator = cluster.start_coordinator(scenario, fleet, availability, actors, placement, str(run_dir))
     created.append(coordinator)
-    ray.get([actor.sensors.remote() for actor in actors])
+    where = ray.get([actor.placement.remote() for actor in actors])  # also waits until every shard is loaded
+    write_json(_placement_record(placement, where), run_dir / "placement.json")
     ray.get(coordinator.start_clock.remote())
     budget = scenario.privacy.target_epsilon if scenario.privacy is not None else None
     for _ in range(scenario.training.rounds):
@@ -164,6 +177,7 @@ def _drive(scenario, fleet, availability, placement, run_dir: Path, created: lis
         "model": scenario.model.name,
         "parameters": int(final["weights"].size),
         "client_actors": placement.client_actors,
+        "nodes": len({w["node_id"] for w in where}),
         "sensors_per_actor": placement.sensors_per_actor,
         **final["summary"],
     }

@@ -8,6 +8,7 @@ The training itself lives in :mod:`raysim.training`.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import replace
 from typing import Any
@@ -98,6 +99,8 @@ class ClientActor:
         context = ray.get_runtime_context()
         return {
             "node_id": context.get_node_id(),
+            "node_ip": ray.util.get_node_ip_address(),
+            "pid": os.getpid(),
             "gpu_ids": [str(g) for g in context.get_accelerator_ids().get("GPU", [])],
             "sensors": len(self.shard.ids),
         }

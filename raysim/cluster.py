@@ -53,6 +53,17 @@ class Placement:
     num_cpus: float
     num_gpus: float
     fixed_size: bool = False  # cluster.sensors_per_actor was given: balanced shards must not exceed it either
+    resources: tuple[tuple[str, float], ...] = ()  # custom Ray resources per actor, sorted by name
+    scheduling: str = "spread"  # "spread" | "default"
+
+    def actor_options(self) -> dict[str, Any]:
+        """Ray options of every client actor: its CPU, GPU and custom-resource share, and its scheduling."""
+        options: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.resources:
+            options["resources"] = dict(self.resources)
+        if self.scheduling == "spread":
+            options["scheduling_strategy"] = "SPREAD"
+        return options
 
     def shards(self, sensors: int) -> list[np.ndarray]:
         """Contiguous blocks of ``sensors_per_actor`` positions (``cluster.balance: contiguous``)."""
@@ -126,8 +137,17 @@ def plan_placement(scenario: Scenario, resources: dict[str, float]) -> Placement
         per_actor = math.ceil(sensors / actors)
         actors = math.ceil(sensors / per_actor)
     placement = Placement(actors, per_actor, section.num_cpus, section.num_gpus,
-                          fixed_size=section.sensors_per_actor != "auto")
+                          fixed_size=section.sensors_per_actor != "auto",
+                          resources=tuple(sorted(section.resources.items())), scheduling=section.scheduling)
     _check_fits(placement, cpus, gpus, scenario.source)
+    for name, share in placement.resources:
+        have = float(resources.get(name, 0))
+        if actors * share > have + 1e-9:
+            raise ClusterError(
+                f"{scenario.source}: cluster.resources.{name}: {actors} client actors × {share:g} = {actors * share:g} "
+                f"of the custom resource '{name}', but the Ray cluster has {have:g}"
+                + ("" if have else f" (no node declares it; start nodes with --resources='{{\"{name}\": N}}' "
+                                   "or see cluster.yaml)") + ". Lower the share or use fewer actors.")
     return placement
 
 
@@ -172,12 +192,12 @@ class _ActorPool:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.job: str | None = None  # the Ray job the handles belong to
-        self.idle: list[tuple[tuple, Any]] = []  # (kind, handle); kind = (class name, num_cpus, num_gpus)
+        self.idle: list[tuple[tuple, Any]] = []  # (kind, handle); kind = (class name, its Ray options)
         self.leased: dict[int, tuple] = {}  # id(handle) → kind, for handles lent to a run
 
     def start(self, cls: type, options: dict[str, float], args_per_actor: list[tuple]) -> list[Any]:
         """One actor of ``cls`` per argument tuple: idle ones of the same kind reloaded, the rest started."""
-        kind = (cls.__name__, float(options["num_cpus"]), float(options.get("num_gpus", 0.0)))
+        kind = (cls.__name__, repr(sorted(options.items())))  # actors with the same options are interchangeable
         with self.lock:
             job = ray.get_runtime_context().get_job_id()
             if job != self.job:  # a new Ray session: the old handles are gone with the old one
@@ -227,9 +247,9 @@ def start_client_actors(scenario: Scenario, fleet: Any, placement: Placement) ->
     """
     from raysim.client import ClientActor
 
-    options = {"num_cpus": placement.num_cpus, "num_gpus": placement.num_gpus}
     shards = shard_sensors(scenario, fleet, placement)
-    return ACTOR_POOL.start(ClientActor, options, [(scenario, fleet, fleet.profiles.sensor_id[s]) for s in shards])
+    return ACTOR_POOL.start(ClientActor, placement.actor_options(),
+                            [(scenario, fleet, fleet.profiles.sensor_id[s]) for s in shards])
 
 
 def start_coordinator(

@@ -349,6 +349,11 @@ class ClusterSection(Frozen):
     sensors_per_actor: Union[PositiveInt, Literal["auto"]] = "auto"
     num_cpus: PositiveFloat = 1.0  # per client actor
     num_gpus: NonNegativeFloat = 0.0  # per client actor; fractions share a GPU
+    # Custom Ray resources per client actor, e.g. {sensor_host: 0.25} to use only nodes that declare
+    # `sensor_host` (see cluster.yaml), four actors per such node.
+    resources: dict[str, PositiveFloat] = {}
+    # Where Ray puts client actors: "spread" over as many nodes as possible, or Ray's "default" packing.
+    scheduling: Literal["spread", "default"] = "spread"
     # How sensors are spread over client actors: "work" balances each actor's expected training work
     # (largest first, to the least-loaded actor); "contiguous" gives each actor a block of sensor ids.
     balance: Literal["work", "contiguous"] = "work"
