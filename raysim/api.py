@@ -18,7 +18,7 @@ import ray
 from raysim import cluster
 from raysim.availability import Availability
 from raysim.compression import CODECS
-from raysim.errors import RaysimError, RaysimWarning, ScenarioError
+from raysim.errors import RaysimError, RaysimWarning, RunInterrupted, ScenarioError
 from raysim.fleet import prepare_fleet
 from raysim.metrics import peak_rss_mb, reset_peak_rss, write_json
 from raysim.models import ParamLayout, build_model
@@ -50,8 +50,15 @@ def run(
     address: str | None = None,
     *,
     progress: ProgressCallback | None = None,
+    resume: str | Path | None = None,
 ) -> RunResult:
     """Run a scenario end to end and return its results.
+
+    With ``resume`` (a run directory), continue that run from its last
+    checkpoint instead; ``scenario`` may then be None (the run's own resolved
+    scenario is used) or must resolve to the same scenario. A synchronous run
+    checkpoints every ``checkpoint.every`` rounds and when Ctrl-C stops it
+    (:class:`raysim.errors.RunInterrupted`).
 
     Everything that can be checked is checked before the run directory is
     created, so bad input never leaves a half-written run behind. In a Ray
@@ -62,11 +69,16 @@ def run(
     one already initialized in this process is used); with one, raysim
     connects to that cluster. ``progress`` is called with each round's row.
     """
-    if not isinstance(scenario, Scenario):
-        scenario = load_scenario(scenario)
-    run_dir = Path(out_dir) if out_dir is not None else default_run_dir(scenario)
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        raise ScenarioError(f"run directory {run_dir} already exists and is not empty; choose another --out.")
+    checkpoint = None
+    if resume is not None:
+        scenario, run_dir, checkpoint = _resumable(scenario, Path(resume), out_dir)
+    else:
+        if not isinstance(scenario, Scenario):
+            scenario = load_scenario(scenario)
+        run_dir = Path(out_dir) if out_dir is not None else default_run_dir(scenario)
+        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+            raise ScenarioError(f"run directory {run_dir} already exists and is not empty; choose another --out "
+                                f"(or continue it with --resume {run_dir}).")
     fleet = prepare_fleet(scenario, default_cache_dir())
     availability = Availability.from_scenario(scenario, fleet.profiles)  # reads and checks any trace files
     _check_codec(scenario, fleet)
@@ -79,10 +91,11 @@ def run(
     finished = False
     try:
         placement = cluster.plan_placement(scenario, cluster.cluster_resources())
-        run_dir.mkdir(parents=True, exist_ok=True)
-        made_dir = True
-        (run_dir / "scenario.yaml").write_text(scenario.to_yaml())
-        result = _drive(scenario, fleet, availability, placement, run_dir, created, progress)
+        if checkpoint is None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            made_dir = True
+            (run_dir / "scenario.yaml").write_text(scenario.to_yaml())
+        result = _drive(scenario, fleet, availability, placement, run_dir, created, progress, checkpoint)
         finished = True
     except RaysimError:
         if made_dir:
@@ -140,7 +153,30 @@ def _placement_record(placement: cluster.Placement, where: list[dict[str, Any]])
     }
 
 
-def _drive(scenario, fleet, availability, placement, run_dir: Path, created: list, progress) -> RunResult:
+def _resumable(scenario: Any, run_dir: Path, out_dir: Any) -> tuple[Scenario, Path, Path]:
+    """The scenario, run directory and checkpoint of a run to resume, checked."""
+    checkpoint = run_dir / "checkpoints" / "latest.npz"
+    if out_dir is not None and Path(out_dir) != run_dir:
+        raise ScenarioError(f"--resume {run_dir} continues that run in its own directory; leave out --out {out_dir}.")
+    if not (run_dir / "scenario.yaml").is_file():
+        raise ScenarioError(f"--resume {run_dir}: not a run directory (it has no scenario.yaml).")
+    saved = load_scenario(run_dir / "scenario.yaml")
+    if saved.aggregation.mode != "sync":
+        raise ScenarioError(f"--resume {run_dir}: it is an asynchronous run; only synchronous runs save "
+                            "checkpoints so far.")
+    if not checkpoint.is_file():
+        raise ScenarioError(f"--resume {run_dir}: it has no checkpoint yet (checkpoints/latest.npz is written every "
+                            f"checkpoint.every = {saved.checkpoint.every} rounds and when Ctrl-C stops a run).")
+    if scenario is not None:
+        given = scenario if isinstance(scenario, Scenario) else load_scenario(scenario)
+        if given.to_dict() != saved.to_dict():
+            raise ScenarioError(f"--resume {run_dir}: the scenario given ({given.source}) differs from the run's own "
+                                f"{run_dir / 'scenario.yaml'}; leave the scenario out to continue the run as it was.")
+    return saved, run_dir, checkpoint
+
+
+def _drive(scenario, fleet, availability, placement, run_dir: Path, created: list, progress,
+           checkpoint: Path | None = None) -> RunResult:
     actors = cluster.start_client_actors(scenario, fleet, placement)
     created.extend(actors)
     # The coordinator starts while the client actors load their shards; the clock starts once all are up.
@@ -148,10 +184,16 @@ def _drive(scenario, fleet, availability, placement, run_dir: Path, created: lis
     created.append(coordinator)
     where = ray.get([actor.placement.remote() for actor in actors])  # also waits until every shard is loaded
     write_json(_placement_record(placement, where), run_dir / "placement.json")
+    done = ray.get(coordinator.restore.remote(str(checkpoint))) if checkpoint is not None else 0
     ray.get(coordinator.start_clock.remote())
     budget = scenario.privacy.target_epsilon if scenario.privacy is not None else None
-    for _ in range(scenario.training.rounds):
-        row = ray.get(coordinator.step.remote())
+    for _ in range(done, scenario.training.rounds):
+        try:
+            row = ray.get(coordinator.step.remote())
+        except KeyboardInterrupt:
+            # The coordinator finishes the round under way, then saves it: nothing half-done is kept.
+            saved = ray.get(coordinator.checkpoint.remote()) if scenario.aggregation.mode == "sync" else None
+            raise RunInterrupted(run_dir, saved) from None
         if row is None:  # the privacy budget allows no more rounds
             break
         if progress is not None:

@@ -105,6 +105,18 @@ class ClientActor:
             "sensors": len(self.shard.ids),
         }
 
+    def client_state(self) -> dict[str, dict[int, np.ndarray]]:
+        """The hosted sensors' own state, by sensor id: SCAFFOLD control variates and error-feedback residuals."""
+        return {"controls": dict(self.controls),
+                "residuals": self.feedback.state() if self.feedback is not None else {}}
+
+    def load_client_state(self, state: dict[str, dict[int, np.ndarray]]) -> None:
+        """Restore what :meth:`client_state` returned (for this actor's sensors; others are ignored)."""
+        hosted = set(self.shard.ids.tolist())
+        self.controls = {int(k): np.array(v, dtype=np.float32) for k, v in state["controls"].items() if int(k) in hosted}
+        if self.feedback is not None:
+            self.feedback.load({k: v for k, v in state["residuals"].items() if int(k) in hosted})
+
     def memory(self) -> dict[str, Any]:
         """This actor's process id and peak resident memory so far, in MB (``getrusage`` high-water mark)."""
         return process_memory()

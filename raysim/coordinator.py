@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,7 +109,9 @@ class Coordinator:
         self.virtual_time_s = 0.0
         self.totals = {"bytes_up": 0, "bytes_down": 0, "updates_applied": 0}
         self.wall_started = time.perf_counter()
+        self.wall_before = 0.0  # wall seconds a resumed run had already run
         self.reduce = self._reduction()
+        self.checkpoints = scenario.aggregation.mode == "sync"  # the async loop's schedule is not saved yet
         self.trainings_done: list[_Training] = []  # collected since the last recorded step: their wall times
         self.loop = SyncRounds(self) if scenario.aggregation.mode == "sync" else AsyncSteps(self)
 
@@ -124,8 +127,76 @@ class Coordinator:
         return process_memory()
 
     def start_clock(self) -> None:
-        """Start the wall clock of the run's throughput figures (called once every client actor is ready)."""
-        self.wall_started = time.perf_counter()
+        """Start the wall clock of the run's throughput figures (called once every client actor is ready);
+        a resumed run's clock goes on from the wall time its checkpoint recorded."""
+        self.wall_started = time.perf_counter() - self.wall_before
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint(self) -> int:
+        """Save what a resumed run needs, atomically; returns the round saved.
+
+        metrics.parquet and events.parquet are written first (each atomically),
+        then ``checkpoints/latest.npz`` replaces the previous checkpoint in one
+        rename: the global model, the virtual clock, the totals, the server's
+        state (strategy, server optimizer, DP clipping bound, privacy
+        accountant) and every sensor's own state from the client actors. All
+        random draws come from streams keyed by (seed, purpose, sensor, round),
+        so no generator state needs saving. A kill at any moment leaves the
+        previous checkpoint or this one, whole.
+        """
+        self.recorder.write()
+        clients = ray.get([actor.client_state.remote() for actor in self.actors])
+        state: dict[str, Any] = {
+            "weights": self.weights, "round": np.int64(self.step_index), "virtual_time_s": self.virtual_time_s,
+            "wall_time_s": time.perf_counter() - self.wall_started,
+            **{f"totals.{k}": np.int64(v) for k, v in self.totals.items()}, **self._server_state(),
+        }
+        for kind in ("controls", "residuals"):
+            merged = {k: v for c in clients for k, v in c[kind].items()}
+            ids = np.array(sorted(merged), dtype=np.int64)
+            state[f"clients.{kind}.ids"] = ids
+            state[f"clients.{kind}"] = (np.stack([merged[i] for i in ids.tolist()]) if len(ids)
+                                        else np.zeros((0, self.layout.size), np.float32))
+        folder = self.run_dir / "checkpoints"
+        folder.mkdir(exist_ok=True)
+        tmp = folder / f".latest.{os.getpid()}.tmp"
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **state)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, folder / "latest.npz")
+        return self.step_index
+
+    def restore(self, path: str) -> int:
+        """Continue from a :meth:`checkpoint`: state, sensors' state on the client actors, and the outputs up
+        to its round; returns that round."""
+        with np.load(path) as saved:
+            state = {key: saved[key] for key in saved.files}
+        self.weights = state["weights"].astype(np.float32)
+        self.step_index = int(state["round"])
+        self.virtual_time_s = float(state["virtual_time_s"])
+        self.wall_before = float(state["wall_time_s"])
+        self.totals = {k: int(state[f"totals.{k}"]) for k in self.totals}
+        for prefix, part in (("optimizer.", self.optimizer), ("strategy.", self.strategy),
+                             ("privacy.", self.central_dp), ("accountant.", self.accountant)):
+            if part is not None:
+                part.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        clients = {kind: dict(zip(state[f"clients.{kind}.ids"].tolist(), state[f"clients.{kind}"]))
+                   for kind in ("controls", "residuals")}
+        ray.get([actor.load_client_state.remote(clients) for actor in self.actors])
+        self.recorder.resume(self.step_index)
+        return self.step_index
+
+    def _server_state(self) -> dict[str, np.ndarray]:
+        """The server's state by part: optimizer.*, strategy.*, privacy.* (central DP) and accountant.*."""
+        state = {f"optimizer.{k}": v for k, v in self.optimizer.state_dict().items()}
+        state.update({f"strategy.{k}": v for k, v in self.strategy.state_dict().items()})
+        if self.central_dp is not None:
+            state.update({f"privacy.{k}": v for k, v in self.central_dp.state_dict().items()})
+        if self.accountant is not None:
+            state.update({f"accountant.{k}": v for k, v in self.accountant.state_dict().items()})
+        return state
 
     def step(self) -> dict[str, Any] | None:
         """One synchronous round or one asynchronous server step; returns its metrics row.
@@ -138,6 +209,8 @@ class Coordinator:
         row = self.loop.step()
         if row is None:
             self.stopped_for_budget = self.step_index + 1
+        elif self.checkpoints and self.step_index % self.scenario.checkpoint.every == 0:
+            self.checkpoint()
         return row
 
     def _reduction(self) -> str | None:
@@ -383,17 +456,13 @@ class Coordinator:
         if last is not None and math.isnan(last["accuracy"]):
             accuracy, loss = evaluate(self.model, self.layout, self.weights, self.test_x, self.test_y)
             self.recorder.amend_last(accuracy=float(accuracy), loss=float(loss))
+        if self.checkpoints:
+            self.checkpoint()  # resuming a finished run then has nothing left to do
         self.recorder.close()
         checkpoints = self.run_dir / "checkpoints"
         checkpoints.mkdir(exist_ok=True)
-        server_state = {f"optimizer.{k}": v for k, v in self.optimizer.state_dict().items()}
-        server_state.update({f"strategy.{k}": v for k, v in self.strategy.state_dict().items()})
-        if self.central_dp is not None:
-            server_state.update({f"privacy.{k}": v for k, v in self.central_dp.state_dict().items()})
-        if self.accountant is not None:
-            server_state.update({f"accountant.{k}": v for k, v in self.accountant.state_dict().items()})
         np.savez(checkpoints / "final.npz", weights=self.weights, round=self.step_index,
-                 virtual_time_s=self.virtual_time_s, **server_state)
+                 virtual_time_s=self.virtual_time_s, **self._server_state())
         summary = summarize(self.recorder.metrics_table(), self.scenario.logging.target_accuracy)
         # Raw float32 bytes per byte sent (SCAFFOLD's control travels raw).
         summary["aggregated_on_actors"] = self.reduce is not None

@@ -27,5 +27,14 @@ class AggregationError(RaysimError):
     """A strategy cannot aggregate the updates it was given."""
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C after saving a checkpoint: ``raysim run --resume run_dir`` continues it."""
+
+    def __init__(self, run_dir: object, round_index: int | None) -> None:
+        super().__init__(str(run_dir))
+        self.run_dir = run_dir
+        self.round = round_index
+
+
 class RaysimWarning(UserWarning):
     """Something the user asked for happened, but not as they would want (e.g. a privacy budget exceeded)."""

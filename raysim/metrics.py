@@ -11,6 +11,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
 METRICS_SCHEMA = pa.schema(
@@ -182,6 +184,24 @@ class RunRecorder:
                 {"round": np.full(count, row["round"], dtype=np.int64), **actors}, schema=ACTORS_SCHEMA))
         if self.tb is not None:
             self._board(row, staleness=staleness)
+
+    def resume(self, last_round: int) -> None:
+        """Take back the rows written up to ``last_round`` (a resumed run), dropping any later ones, and
+        rebuild TensorBoard's files from them so no step appears twice."""
+        def kept(name: str, schema: pa.Schema) -> pa.Table:
+            path = self.run_dir / name
+            table = pq.read_table(path) if path.exists() else schema.empty_table()
+            return table.filter(pa.compute.less_equal(table["round"], last_round)).cast(schema)
+
+        self.metrics = kept("metrics.parquet", METRICS_SCHEMA).to_pylist()
+        self.events = kept("events.parquet", EVENTS_SCHEMA).to_batches()
+        self.actors = kept("actors.parquet", ACTORS_SCHEMA).to_batches()
+        if self.tb is not None:
+            self.tb.close()
+            shutil.rmtree(self.run_dir / "tb", ignore_errors=True)
+            self.tb = _Board(self.run_dir / "tb")
+            for row in self.metrics:
+                self._board(row)
 
     def amend_last(self, **values: Any) -> None:
         """Fill in columns of the last row (e.g. the final evaluation of a run that stopped early), TensorBoard too."""

@@ -336,6 +336,13 @@ class CentralDP:
     def state_dict(self) -> dict[str, np.ndarray]:
         return {"clip_norm": np.float64(self.clip_norm)}
 
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        clip_norm = float(state["clip_norm"])
+        if self.adaptive is not None:
+            self.adaptive.clip_norm = clip_norm
+        else:
+            self._clip_norm = clip_norm
+
 
 class RunAccountant:
     """Privacy spent by a run, charged as sensors release updates, with the budget check before each release.
@@ -389,7 +396,23 @@ class RunAccountant:
         return self.releases + np.bincount(np.asarray(positions, dtype=np.int64), minlength=len(self.releases))
 
     def state_dict(self) -> dict[str, np.ndarray]:
+        over = np.int64(-1 if self.over_budget_at is None else self.over_budget_at)
         if self.ledger is not None:
             history = self.ledger.history
-            return {"rounds": np.array([[q, z, n] for (q, z), n in history.items()], dtype=np.float64).reshape(-1, 3)}
-        return {"releases": self.releases.copy()}
+            return {"rounds": np.array([[q, z, n] for (q, z), n in history.items()], dtype=np.float64).reshape(-1, 3),
+                    "over_budget_at": over}
+        return {"releases": self.releases.copy(), "over_budget_at": over}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Restore a :meth:`state_dict`: the central ledger is rebuilt by replaying its rounds."""
+        if self.ledger is not None:
+            self.ledger = PrivacyLedger(self.config.delta)
+            for q, z, n in np.asarray(state["rounds"]).reshape(-1, 3).tolist():
+                self.ledger.step(q, z, int(n))
+            self.spent = self.ledger.epsilon()
+        else:
+            self.releases = np.array(state["releases"], dtype=np.int64)
+            worst = int(self.releases.max(initial=0))
+            self.spent = epsilon(1.0, self.config.noise_multiplier, worst, self.config.delta) if worst else 0.0
+        over = int(state["over_budget_at"])
+        self.over_budget_at = None if over < 0 else over

@@ -370,6 +370,12 @@ class ClusterSection(Frozen):
         return self
 
 
+class Checkpoint(Frozen):
+    """How often a synchronous run saves what ``raysim run --resume RUN_DIR`` needs to continue it."""
+
+    every: PositiveInt = 10  # rounds between checkpoints (an interrupted run also saves one when it stops)
+
+
 class Logging(Frozen):
     eval_every: PositiveInt = 1  # evaluate every this many rounds (sync) or server steps (async)
     target_accuracy: Optional[Annotated[float, Field(gt=0, le=1)]] = None  # for time- and bytes-to-accuracy
@@ -423,6 +429,7 @@ class Scenario(Frozen):
     privacy: Optional[Privacy] = None  # differential privacy (DP-FedAvg central, or local noise); None = off
     cluster: ClusterSection = ClusterSection()
     logging: Logging = Logging()
+    checkpoint: Checkpoint = Checkpoint()
 
     # Directory relative data paths are resolved against (the scenario file's folder).
     base_dir: str = Field(default=".", exclude=True)

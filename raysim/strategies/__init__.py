@@ -72,6 +72,10 @@ class Strategy(Protocol):
         """Server state to keep in checkpoints."""
         ...
 
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Restore a :meth:`state_dict` (resuming a run)."""
+        ...
+
 
 class Stateless:
     """For strategies whose only server state is the global model."""
@@ -81,6 +85,10 @@ class Stateless:
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return {}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        if state:
+            raise AggregationError(f"{type(self).__name__} keeps no server state, got {sorted(state)}")
 
 
 STRATEGIES: Registry[Strategy] = Registry("aggregation.strategy")

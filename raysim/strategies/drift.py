@@ -77,6 +77,12 @@ class Scaffold:
     def state_dict(self) -> dict[str, np.ndarray]:
         return {"control": self.control}
 
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        control = np.asarray(state["control"], dtype=np.float32)
+        if control.shape != self.control.shape:
+            raise AggregationError(f"SCAFFOLD control must have shape {self.control.shape}, got {control.shape}")
+        self.control = control.copy()
+
 
 class FedNovaConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
