@@ -204,6 +204,11 @@ def _drive(scenario, fleet, availability, placement, run_dir: Path, created: lis
                 f"privacy.target_epsilon = {budget:g} (on_budget: warn, so the run goes on)"), stacklevel=2)
             budget = None  # once
     final = ray.get(coordinator.finish.remote())
+    for index, replacement in final["replacements"].items():
+        # An actor that failed is never kept for another run; the one that replaced it stops with this run.
+        created.remove(actors[index])
+        cluster.release([actors[index]], keep=False)
+        created.append(replacement)
     summary = {
         "name": scenario.name,
         "seed": scenario.seed,

@@ -130,6 +130,7 @@ class ClientActor:
         *weights: np.ndarray,
         control: np.ndarray | None = None,
         reduce: str | None = None,
+        delay_s: float = 0.0,
     ) -> dict[str, Any]:
         """Train hosted sensors; one call per training batch.
 
@@ -147,9 +148,12 @@ class ClientActor:
         updates u_i (as the coordinator would decode them), w_i the sensor's
         sample count or 1, and ``finite`` marks which updates were; memory then
         stays bounded by one batch whatever the number of tasks. ``busy_s`` is
-        the wall time spent in this call.
+        the wall time spent in this call; ``delay_s`` adds that much wall-clock
+        sleep first (a slow machine, injected by ``faults``).
         """
         started = time.perf_counter()
+        if delay_s:
+            time.sleep(delay_s)
         if self.downlink is not None:  # the model arrives encoded
             weights = tuple(self.downlink.decode(w) for w in weights)
         sensor_ids = np.asarray(sensor_ids)

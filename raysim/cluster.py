@@ -259,7 +259,7 @@ def start_coordinator(
     from raysim.coordinator import Coordinator
 
     shards = shard_sensors(scenario, fleet, placement)
-    args = (scenario, fleet, availability, actors, shards, run_dir)
+    args = (scenario, fleet, availability, actors, shards, run_dir, placement.actor_options())
     return ACTOR_POOL.start(Coordinator, {"num_cpus": 0}, [args])[0]
 
 

@@ -14,6 +14,7 @@ depend on which actor hosts which sensor.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import math
 import os
@@ -59,12 +60,18 @@ class Coordinator:
         actors: list[Any],
         shards: list[np.ndarray],
         run_dir: str,
+        actor_options: dict[str, Any] | None = None,
     ) -> None:
         torch.set_num_threads(1)
         self.scenario = scenario
+        self.fleet = fleet
         self.profiles = fleet.profiles
         self.availability = availability
-        self.actors = actors
+        self.actors = list(actors)
+        self.shards = shards
+        self.actor_options = actor_options or {"num_cpus": scenario.cluster.num_cpus}
+        self.replaced: list[dict[str, Any]] = []  # client actors replaced after dying or timing out
+        self.faults_done: set[int] = set()
         # Position of each sensor in the fleet → index of the client actor hosting it.
         self.owner = np.empty(len(self.profiles), dtype=np.int64)
         for index, shard in enumerate(shards):
@@ -272,17 +279,55 @@ class Coordinator:
             options["reduce"] = reduce
         owners = self.owner[positions]
         actor_indices = np.unique(owners)
-        calls, rows = [], []
+        faults = self._faults_now()
+        calls, rows, replays = [], [], []
         for actor_index in actor_indices:
             mine = np.flatnonzero(owners == actor_index)
             rows.append(mine)
-            calls.append(
-                self.actors[actor_index].train.remote(
-                    task_keys[mine], self.profiles.sensor_id[positions[mine]], version_slots[mine], lr[mine], *refs,
-                    **options,
-                )
-            )
-        return _Training(calls, rows, len(positions), self.codec, actor_indices, self.trainings_done)
+            args = (task_keys[mine], self.profiles.sensor_id[positions[mine]], version_slots[mine], lr[mine], *refs)
+            replays.append((args, options))
+            delay = sum(f.seconds for f in faults if f.kind == "slow_actor" and actor_index in f.actors)
+            calls.append(self.actors[actor_index].train.remote(*args, **options, **({"delay_s": delay} if delay else {})))
+        for fault in faults:
+            if fault.kind == "kill_actor":  # mid-round: the calls are on their way
+                for index in fault.actors:
+                    if index < len(self.actors):
+                        ray.kill(self.actors[index], no_restart=True)
+        return _Training(calls, rows, len(positions), self.codec, actor_indices, self.trainings_done,
+                         replays=replays, recover=self._replace_actor,
+                         timeout_s=self.scenario.cluster.call_timeout_s)
+
+    def _faults_now(self) -> list[Any]:
+        """The scenario's faults due in the step under way, each taken once."""
+        step = self.step_index + 1
+        due = [(i, f) for i, f in enumerate(self.scenario.faults) if f.round == step and i not in self.faults_done]
+        self.faults_done.update(i for i, _ in due)
+        return [f for _, f in due]
+
+    def _replace_actor(self, index: int, reason: str) -> Any:
+        """A new client actor for actor ``index``'s sensors, in place of one that died or did not answer.
+
+        The replacement loads the same shard and is given the sensors' own
+        state from the last checkpoint, if there is one (stateless client
+        algorithms lose nothing; SCAFFOLD controls and error-feedback
+        residuals since that checkpoint are lost with the actor).
+        """
+        from raysim.client import ClientActor
+        from raysim.cluster import _remote
+
+        with contextlib.suppress(Exception):
+            ray.kill(self.actors[index], no_restart=True)
+        ids = self.profiles.sensor_id[self.shards[index]]
+        handle = _remote(ClientActor).options(**self.actor_options).remote(self.scenario, self.fleet, ids)
+        latest = self.run_dir / "checkpoints" / "latest.npz"
+        if latest.is_file():
+            with np.load(latest) as saved:
+                clients = {kind: dict(zip(saved[f"clients.{kind}.ids"].tolist(), saved[f"clients.{kind}"]))
+                           for kind in ("controls", "residuals")}
+            handle.load_client_state.remote(clients)
+        self.actors[index] = handle
+        self.replaced.append({"step": self.step_index + 1, "actor": int(index), "reason": reason})
+        return handle
 
     def _downlink_payload(self, weights: np.ndarray) -> np.ndarray | bytes:
         """What goes down to the sensors: the weights, or their encoding (downlink codecs draw nothing)."""
@@ -466,6 +511,7 @@ class Coordinator:
         summary = summarize(self.recorder.metrics_table(), self.scenario.logging.target_accuracy)
         # Raw float32 bytes per byte sent (SCAFFOLD's control travels raw).
         summary["aggregated_on_actors"] = self.reduce is not None
+        summary["actors_replaced"] = self.replaced
         summary["uplink_compression"] = self.compression["uplink"]
         summary["downlink_compression"] = self.compression["downlink"]
         if self.accountant is not None:
@@ -473,7 +519,8 @@ class Coordinator:
         actors = ray.get([actor.memory.remote() for actor in self.actors])
         summary["memory"] = {"coordinator_peak_mb": peak_rss_mb(),
                              "client_actors_peak_mb": [a["peak_mb"] for a in actors]}
-        return {"summary": summary, "weights": self.weights}
+        replaced = sorted({r["actor"] for r in self.replaced})
+        return {"summary": summary, "weights": self.weights, "replacements": {i: self.actors[i] for i in replaced}}
 
     def _privacy_summary(self) -> dict[str, Any]:
         config = self.scenario.privacy
@@ -497,8 +544,11 @@ class _Training:
     """Training calls in progress on the client actors; ``result()`` collects them once."""
 
     def __init__(self, calls: list[Any], rows: list[np.ndarray], count: int, codec: Any = None,
-                 actor_indices: np.ndarray | None = None, done: list["_Training"] | None = None) -> None:
+                 actor_indices: np.ndarray | None = None, done: list["_Training"] | None = None, *,
+                 replays: list[tuple[tuple, dict]] | None = None, recover: Any = None,
+                 timeout_s: float | None = None) -> None:
         self.calls, self.rows, self.count, self.codec = calls, rows, count, codec
+        self.replays, self.recover, self.timeout_s = replays, recover, timeout_s
         self.actor_indices = actor_indices if actor_indices is not None else np.arange(len(calls))
         self._done = done  # where a collected batch reports itself, for the step's wall-clock figures
         self.sent_at = time.perf_counter()
@@ -508,7 +558,7 @@ class _Training:
 
     def result(self) -> dict[str, Any]:
         if self._result is None:
-            parts = ray.get(self.calls)
+            parts = [self._get(i) for i in range(len(self.calls))]
             self.done_at = time.perf_counter()
             self.busy_s = np.array([p["busy_s"] for p in parts])
             if self._done is not None:
@@ -528,6 +578,20 @@ class _Training:
                 merged["updates"] = np.stack([self.codec.decode(payloads[i]) for i in order])
             self._result, self.calls = merged, []
         return self._result
+
+    def _get(self, i: int) -> dict[str, Any]:
+        """Call i's result. If its actor died, or did not answer within the timeout, a new actor for the
+        same sensors trains the same call again: the same inputs and random streams, so the same result."""
+        try:
+            return ray.get(self.calls[i], timeout=self.timeout_s)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+            if self.recover is None:
+                raise
+            reason = "timed out" if isinstance(exc, ray.exceptions.GetTimeoutError) else "died"
+            actor = self.recover(int(self.actor_indices[i]), reason)
+            args, options = self.replays[i]
+            self.calls[i] = actor.train.remote(*args, **options)
+            return ray.get(self.calls[i], timeout=self.timeout_s)
 
 
 def _task_figures(events: dict[str, np.ndarray], plan: TaskPlan, trained_mask: np.ndarray) -> dict[str, Any]:

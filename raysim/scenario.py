@@ -362,12 +362,31 @@ class ClusterSection(Frozen):
     # For aggregations that are a weighted mean of the updates, each client actor sums its own share and
     # sends one vector instead of one update per sensor. Results agree within float rounding either way.
     aggregate_on_actors: bool = True
+    # A client actor's training call that has not answered after this many wall-clock seconds is given up:
+    # the actor is replaced and the call trained again (its results do not change).
+    call_timeout_s: PositiveFloat = 600.0
 
     @model_validator(mode="after")
     def _gpu_fraction(self) -> "ClusterSection":
         if self.num_gpus > 1 and not float(self.num_gpus).is_integer():
             raise ValueError("num_gpus above 1 must be a whole number of GPUs")
         return self
+
+
+class Fault(Frozen):
+    """A failure injected into a run, to exercise recovery: ``{kind, round, actors}``.
+
+    ``kill_actor`` kills the listed client actors right after the round's
+    training calls are sent; ``slow_actor`` makes them sleep ``seconds`` of
+    wall-clock time inside that round's call. The coordinator replaces an actor
+    that dies or does not answer within ``cluster.call_timeout_s`` with a new
+    one for the same sensors and trains the call again from the same inputs.
+    """
+
+    kind: Literal["kill_actor", "slow_actor"]
+    round: PositiveInt  # the sync round (or async server step) it happens in
+    actors: tuple[NonNegativeInt, ...] = (0,)  # client actor indices (placement.json lists them)
+    seconds: NonNegativeFloat = 0.0  # slow_actor: wall-clock delay
 
 
 class Checkpoint(Frozen):
@@ -430,6 +449,7 @@ class Scenario(Frozen):
     cluster: ClusterSection = ClusterSection()
     logging: Logging = Logging()
     checkpoint: Checkpoint = Checkpoint()
+    faults: tuple[Fault, ...] = ()
 
     # Directory relative data paths are resolved against (the scenario file's folder).
     base_dir: str = Field(default=".", exclude=True)
