@@ -197,7 +197,7 @@ class _ActorPool:
 
     def start(self, cls: type, options: dict[str, float], args_per_actor: list[tuple]) -> list[Any]:
         """One actor of ``cls`` per argument tuple: idle ones of the same kind reloaded, the rest started."""
-        kind = (cls.__name__, repr(sorted(options.items())))  # actors with the same options are interchangeable
+        kind = (cls.__name__, _options_key(options))  # actors with the same options are interchangeable
         with self.lock:
             job = ray.get_runtime_context().get_job_id()
             if job != self.job:  # a new Ray session: the old handles are gone with the old one
@@ -231,6 +231,16 @@ class _ActorPool:
                     _kill(handle)
 
 
+def _options_key(options: dict[str, Any]) -> str:
+    """A stable text of Ray actor options (a node-affinity strategy by its node and softness)."""
+    def stable(value: Any) -> Any:
+        if hasattr(value, "node_id") and hasattr(value, "soft"):
+            return f"node:{value.node_id}:{value.soft}"
+        return value
+
+    return repr(sorted((key, stable(value)) for key, value in options.items()))
+
+
 def _kill(handle: Any) -> None:
     with contextlib.suppress(Exception):
         ray.kill(handle)
@@ -255,12 +265,16 @@ def start_client_actors(scenario: Scenario, fleet: Any, placement: Placement) ->
 def start_coordinator(
     scenario: Scenario, fleet: Any, availability: Any, actors: list[Any], placement: Placement, run_dir: str
 ) -> Any:
-    """Start (or reload) the Coordinator actor; it mostly waits on client actors, so it reserves no CPU."""
+    """Start (or reload) the Coordinator actor on the driver's node (it writes the run directory there, and
+    outlives the loss of any other node); it mostly waits on client actors, so it reserves no CPU."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     from raysim.coordinator import Coordinator
 
     shards = shard_sensors(scenario, fleet, placement)
     args = (scenario, fleet, availability, actors, shards, run_dir, placement.actor_options())
-    return ACTOR_POOL.start(Coordinator, {"num_cpus": 0}, [args])[0]
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ACTOR_POOL.start(Coordinator, {"num_cpus": 0, "scheduling_strategy": here}, [args])[0]
 
 
 def release_idle() -> None:

@@ -66,3 +66,71 @@ def test_a_short_delay_is_waited_for(undisturbed, tmp_path):
                      out_dir=tmp_path / "delayed")
     assert run.summary["actors_replaced"] == []  # a straggling actor within the timeout is simply waited for
     _same_run(run, undisturbed)
+
+
+NODE_LOSS = """
+import json, sys, threading, time
+import numpy as np
+import ray
+from ray.cluster_utils import Cluster
+import raysim
+
+spec, out = json.loads(sys.argv[1]), sys.argv[2]
+nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+try:
+    workers = [nodes.add_node(num_cpus=2) for _ in range(2)]
+    ray.init(address=nodes.address, logging_level="ERROR")
+    nodes.wait_for_nodes()
+    removed = {}
+
+    def remove_a_node_once_round_2_is_saved():
+        checkpoint = f"{out}/checkpoints/latest.npz"
+        while True:
+            try:
+                with np.load(checkpoint) as saved:
+                    if int(saved["round"]) >= 2:
+                        break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.01)
+        with open(f"{out}/placement.json") as handle:
+            used = {a["node_id"] for a in json.load(handle)["actors"]}
+        victim = next(n for n in workers if n.node_id in used)
+        removed["node"] = victim.node_id
+        nodes.remove_node(victim)
+
+    watcher = threading.Thread(target=remove_a_node_once_round_2_is_saved, daemon=True)
+    watcher.start()
+    result = raysim.run(spec, out_dir=out)
+    print(json.dumps({"removed": removed.get("node"), "replaced": result.summary["actors_replaced"],
+                      "nodes": result.summary["nodes"]}))
+finally:
+    ray.shutdown()
+    nodes.shutdown()
+"""
+
+
+def test_a_run_survives_losing_a_node(undisturbed, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    # Long enough that the node goes while rounds remain; the undisturbed run is its first five rounds.
+    spread = spec(**{"training.rounds": 40, "checkpoint.every": 1})
+    out = tmp_path / "node-loss"
+    done = subprocess.run([sys.executable, "-c", NODE_LOSS, json.dumps(spread), str(out)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["nodes"] >= 2 and report["removed"] is not None  # spread: the lost node hosted actors
+    lost = {a["actor"] for a in json.loads((out / "placement.json").read_text())["actors"]
+            if a["node_id"] == report["removed"]}
+    assert lost and {r["actor"] for r in report["replaced"]} == lost
+    metrics = pq.read_table(out / "metrics.parquet")
+    assert metrics["round"].to_pylist() == list(range(1, 41))
+    calm = raysim.run(spread, out_dir=tmp_path / "calm-40")
+    np.testing.assert_allclose(np.load(out / "checkpoints" / "final.npz")["weights"], calm.global_weights, atol=1e-6)
+    assert_tables_identical(pq.read_table(out / "events.parquet"), pq.read_table(calm.run_dir / "events.parquet"))
