@@ -161,9 +161,6 @@ def _resumable(scenario: Any, run_dir: Path, out_dir: Any) -> tuple[Scenario, Pa
     if not (run_dir / "scenario.yaml").is_file():
         raise ScenarioError(f"--resume {run_dir}: not a run directory (it has no scenario.yaml).")
     saved = load_scenario(run_dir / "scenario.yaml")
-    if saved.aggregation.mode != "sync":
-        raise ScenarioError(f"--resume {run_dir}: it is an asynchronous run; only synchronous runs save "
-                            "checkpoints so far.")
     if not checkpoint.is_file():
         raise ScenarioError(f"--resume {run_dir}: it has no checkpoint yet (checkpoints/latest.npz is written every "
                             f"checkpoint.every = {saved.checkpoint.every} rounds and when Ctrl-C stops a run).")
@@ -192,8 +189,7 @@ def _drive(scenario, fleet, availability, placement, run_dir: Path, created: lis
             row = ray.get(coordinator.step.remote())
         except KeyboardInterrupt:
             # The coordinator finishes the round under way, then saves it: nothing half-done is kept.
-            saved = ray.get(coordinator.checkpoint.remote()) if scenario.aggregation.mode == "sync" else None
-            raise RunInterrupted(run_dir, saved) from None
+            raise RunInterrupted(run_dir, ray.get(coordinator.checkpoint.remote())) from None
         if row is None:  # the privacy budget allows no more rounds
             break
         if progress is not None:

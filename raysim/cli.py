@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from raysim.errors import RaysimError, RaysimWarning, ScenarioError
+from raysim.errors import RaysimError, RaysimWarning, RunInterrupted, ScenarioError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -35,6 +35,10 @@ def guarded(command: Callable[[], int]) -> int:
         message = textwrap.fill(str(exc), width=100, subsequent_indent="  ", break_on_hyphens=False)
         print(f"raysim: error: {message}", file=sys.stderr)
         return 2
+    except RunInterrupted as stop:
+        saved = f"; round {stop.round} is saved" if stop.round is not None else ""
+        print(f"raysim: interrupted{saved}. Continue with: raysim run --resume {stop.run_dir}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("raysim: interrupted", file=sys.stderr)
         return 130
@@ -56,11 +60,12 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="run a scenario end to end")
-    run.add_argument("scenario", help="scenario YAML file")
+    run.add_argument("scenario", nargs="?", help="scenario YAML file (optional with --resume)")
     run.add_argument("--out", metavar="RUN_DIR", help="run directory to create (default runs/<name>-<timestamp>)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="a.b=value",
                      help="override a scenario key, e.g. --set training.rounds=3 (repeatable)")
     run.add_argument("--address", help="existing Ray cluster to run on (auto, ray://HOST:10001, HOST:PORT)")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     run.set_defaults(handler=_run)
 
     validate = commands.add_parser("validate", help="load and validate a scenario, print it resolved")
@@ -73,6 +78,13 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir")
     report.set_defaults(handler=_report)
 
+    from raysim import submit as submit_module  # imports Ray only when it runs
+
+    submit = commands.add_parser("submit", help="run a scenario as a Ray job on a cluster (Jobs SDK); manage it",
+                                 description=submit_module.DESCRIPTION)
+    submit_module.add_arguments(submit)
+    submit.set_defaults(handler=_submit)
+
     from raysim import bench as bench_module  # imports Ray and torch only when it runs
 
     bench = commands.add_parser("bench", help="benchmark throughput, memory and communication; JSON + PNG plots",
@@ -80,6 +92,12 @@ def _parser() -> argparse.ArgumentParser:
     bench_module.add_arguments(bench)
     bench.set_defaults(handler=_bench)
     return parser
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from raysim.submit import run_from_args
+
+    return run_from_args(args)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -102,9 +120,18 @@ def _run(args: argparse.Namespace) -> int:
     from raysim.api import run
     from raysim.scenario import load_scenario
 
-    scenario = load_scenario(args.scenario, args.overrides)
-    with _Progress(scenario.training.rounds, enabled=scenario.logging.progress) as bar:
-        result = run(scenario, out_dir=args.out, address=args.address, progress=bar.update)
+    if args.scenario is None and args.resume is None:
+        raise ScenarioError("raysim run needs a SCENARIO file, or --resume RUN_DIR to continue a run.")
+    if args.resume is not None:
+        if args.overrides:
+            raise ScenarioError(f"--resume {args.resume} continues the run as it was; --set cannot change it.")
+        scenario = load_scenario(args.scenario) if args.scenario is not None else None
+        saved = Path(args.resume) / "scenario.yaml"  # run() checks it; here it only sizes the progress bar
+        shown = load_scenario(saved) if saved.is_file() else scenario
+    else:
+        scenario = shown = load_scenario(args.scenario, args.overrides)
+    with _Progress(shown.training.rounds if shown else 0, enabled=shown is not None and shown.logging.progress) as bar:
+        result = run(scenario, out_dir=args.out, address=args.address, progress=bar.update, resume=args.resume)
     _print_summary(result.summary, result.run_dir)
     return 0
 

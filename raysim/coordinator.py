@@ -18,6 +18,7 @@ import contextlib
 import heapq
 import math
 import os
+import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,7 +119,7 @@ class Coordinator:
         self.wall_started = time.perf_counter()
         self.wall_before = 0.0  # wall seconds a resumed run had already run
         self.reduce = self._reduction()
-        self.checkpoints = scenario.aggregation.mode == "sync"  # the async loop's schedule is not saved yet
+        self.checkpoints = True
         self.trainings_done: list[_Training] = []  # collected since the last recorded step: their wall times
         self.loop = SyncRounds(self) if scenario.aggregation.mode == "sync" else AsyncSteps(self)
 
@@ -153,12 +154,17 @@ class Coordinator:
         previous checkpoint or this one, whole.
         """
         self.recorder.write()
+        loop_state = self.loop.state() if isinstance(self.loop, AsyncSteps) else None  # collects its trainings first
         clients = ray.get([actor.client_state.remote() for actor in self.actors])
         state: dict[str, Any] = {
             "weights": self.weights, "round": np.int64(self.step_index), "virtual_time_s": self.virtual_time_s,
             "wall_time_s": time.perf_counter() - self.wall_started,
             **{f"totals.{k}": np.int64(v) for k, v in self.totals.items()}, **self._server_state(),
         }
+        if loop_state is not None:
+            state["loop"] = np.frombuffer(loop_state, dtype=np.uint8)
+        # What each model version's recipients reported training from (async updates name older versions).
+        state["fingerprints"] = np.array(sorted(self.fingerprints.items()), dtype=np.int64).reshape(-1, 2)
         for kind in ("controls", "residuals"):
             merged = {k: v for c in clients for k, v in c[kind].items()}
             ids = np.array(sorted(merged), dtype=np.int64)
@@ -192,6 +198,9 @@ class Coordinator:
         clients = {kind: dict(zip(state[f"clients.{kind}.ids"].tolist(), state[f"clients.{kind}"]))
                    for kind in ("controls", "residuals")}
         ray.get([actor.load_client_state.remote(clients) for actor in self.actors])
+        if "loop" in state:
+            self.loop.load(state["loop"].tobytes())
+        self.fingerprints = {int(v): int(p) for v, p in state["fingerprints"].tolist()}
         self.recorder.resume(self.step_index)
         return self.step_index
 
@@ -731,7 +740,9 @@ class _Task:
     reason: str = ""  # why validation rejected it, if it did
 
     def collect(self) -> None:
-        """Wait for this task's training batch and take its results."""
+        """Wait for this task's training batch and take its results (once; a checkpoint may have already)."""
+        if self.trained:
+            return
         result = self.training.result()
         self.update = result["updates"][self.row]
         self.fingerprint = int(result["fingerprint"][self.row])
@@ -897,6 +908,35 @@ class AsyncSteps:
             raise AggregationError(f"no sensor is online at virtual time {self.clock_s:g} s or ever after")
         self.clock_s = max(float(back), np.nextafter(self.clock_s, np.inf))  # always moves forward
         self._refill(self.clock_s)
+
+    # -- checkpoints
+
+    def state(self) -> bytes:
+        """The schedule and the model versions it still needs, pickled, once every training sent so far is in.
+
+        Collecting first means no task is half done: each is either trained
+        (its update is saved with it) or not yet sent, and the sensors' own
+        state on the client actors matches the schedule saved. The dispatch
+        generator is saved with its state.
+        """
+        for task in self._tasks():
+            if task.training is not None:
+                task.collect()
+        return pickle.dumps({key: value for key, value in self.__dict__.items() if key != "c"})
+
+    def load(self, blob: bytes) -> None:
+        """Take the schedule of :meth:`state` (replacing the one this loop started with)."""
+        self.__dict__.update(pickle.loads(blob))
+
+    def _tasks(self) -> list[_Task]:
+        """Every task the loop still holds: in flight, in simulated steps, or waiting to be sent."""
+        seen: dict[int, _Task] = {}
+        for step in (*self.simulated, self.pending):
+            for task in (*step.buffer, *step.ended):
+                seen[id(task)] = task
+        for task in (*self.tasks.values(), *(t for batch in self.unsent.values() for t in batch)):
+            seen[id(task)] = task
+        return list(seen.values())
 
     # -- the model
 
