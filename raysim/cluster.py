@@ -13,6 +13,7 @@ import heapq
 import logging
 import math
 import os
+import socket
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,8 @@ def connect(address: str | None = None) -> bool:
     if ray.is_initialized():
         return False
     kwargs: dict[str, Any] = {"logging_level": logging.ERROR, "configure_logging": True}
+    if address:
+        _check_reachable(address)
     try:
         if address:
             ray.init(address=address, **kwargs)
@@ -42,6 +45,26 @@ def connect(address: str | None = None) -> bool:
         where = f"the Ray cluster at {address!r}" if address else "a local Ray instance"
         raise ClusterError(f"could not connect to {where}: {exc}") from None
     return True
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, with a clear message, when nothing answers at a HOST:PORT or ray://HOST:PORT address
+    (Ray itself retries for minutes). "auto" is left to Ray."""
+    if address == "auto":
+        return
+    target = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"--address {address!r}: expected auto, HOST:PORT (the head's GCS port, 6379 by default) "
+                           "or ray://HOST:10001")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise ClusterError(
+            f"could not reach the Ray cluster at {address!r}: nothing answered at {host}:{port} within "
+            f"{timeout_s:g} s ({exc.strerror or exc}). Check the address, that the head node is up (`ray status` "
+            f"on it) and that port {port} is open to this machine.") from None
 
 
 @dataclass(frozen=True)

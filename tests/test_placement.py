@@ -102,3 +102,18 @@ def test_actors_spread_over_nodes_with_the_custom_resource_and_fractional_gpus(t
         assert len(actors) == 2 and [a["gpu_ids"] for a in actors] == [["0"], ["0"]]
     assert placement["per_actor"]["resources"] == {"sensor_host": 0.25}
     assert sum(a["sensors"] for a in placement["actors"]) == 24
+
+
+@pytest.mark.parametrize("address, says", [
+    ("127.0.0.1:1", "could not reach the Ray cluster at '127.0.0.1:1': nothing answered at 127.0.0.1:1"),
+    ("ray://127.0.0.1:1", "could not reach the Ray cluster at 'ray://127.0.0.1:1'"),
+    ("head-without-port", "expected auto, HOST:PORT"),
+])
+def test_an_address_nothing_answers_at_is_one_paragraph_and_status_2(tmp_path, address, says):
+    # A fresh process: this one may already hold the shared Ray session, which raysim.run would use as it is.
+    done = subprocess.run([sys.executable, "-m", "raysim.cli", "run", str(ROOT / "scenarios" / "quickstart.yaml"),
+                           "--address", address, "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 2
+    assert says in " ".join(done.stderr.split()) and "Traceback" not in done.stderr
+    assert not (tmp_path / "run").exists()
