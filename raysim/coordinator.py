@@ -308,8 +308,9 @@ class Coordinator:
 
     def _faults_now(self) -> list[Any]:
         """The scenario's faults due in the step under way, each taken once."""
-        step = self.step_index + 1
-        due = [(i, f) for i, f in enumerate(self.scenario.faults) if f.round == step and i not in self.faults_done]
+        step, now = self.step_index + 1, self.virtual_time_s
+        due = [(i, f) for i, f in enumerate(self.scenario.faults) if i not in self.faults_done
+               and (f.round == step if f.round is not None else now >= f.at_s)]
         self.faults_done.update(i for i, _ in due)
         return [f for _, f in due]
 

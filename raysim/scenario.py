@@ -374,7 +374,7 @@ class ClusterSection(Frozen):
 
 
 class Fault(Frozen):
-    """A failure injected into a run, to exercise recovery: ``{kind, round, actors}``.
+    """A failure injected into a run, to exercise recovery: ``{kind, round or at_s, actors}``.
 
     ``kill_actor`` kills the listed client actors right after the round's
     training calls are sent; ``slow_actor`` makes them sleep ``seconds`` of
@@ -384,9 +384,16 @@ class Fault(Frozen):
     """
 
     kind: Literal["kill_actor", "slow_actor"]
-    round: PositiveInt  # the sync round (or async server step) it happens in
+    round: Optional[PositiveInt] = None  # the sync round (or async server step) it happens in, or
+    at_s: Optional[NonNegativeFloat] = None  # the first one that starts at or after this virtual time
     actors: tuple[NonNegativeInt, ...] = (0,)  # client actor indices (placement.json lists them)
     seconds: NonNegativeFloat = 0.0  # slow_actor: wall-clock delay
+
+    @model_validator(mode="after")
+    def _one_moment(self) -> "Fault":
+        if (self.round is None) == (self.at_s is None):
+            raise ValueError("a fault happens at a round or at a virtual time at_s: give exactly one")
+        return self
 
 
 class Checkpoint(Frozen):

@@ -61,11 +61,21 @@ def test_an_actor_that_does_not_answer_in_time_is_replaced(undisturbed, tmp_path
     _same_run(run, undisturbed)
 
 
-def test_a_short_delay_is_waited_for(undisturbed, tmp_path):
-    run = raysim.run(spec(faults=[{"kind": "slow_actor", "round": 4, "actors": [0, 3], "seconds": 0.5}]),
+def test_a_short_delay_is_waited_for_and_faults_can_come_at_a_virtual_time(undisturbed, tmp_path):
+    second_round_starts = undisturbed.metrics["virtual_time_s"].to_pylist()[0]
+    run = raysim.run(spec(faults=[{"kind": "slow_actor", "round": 4, "actors": [0, 3], "seconds": 0.5},
+                                  {"kind": "kill_actor", "at_s": second_round_starts, "actors": [3]}]),
                      out_dir=tmp_path / "delayed")
-    assert run.summary["actors_replaced"] == []  # a straggling actor within the timeout is simply waited for
+    # A straggling actor within the timeout is simply waited for; the kill comes with round 2, the first to
+    # start at that virtual time.
+    assert run.summary["actors_replaced"] == [{"step": 2, "actor": 3, "reason": "died"}]
     _same_run(run, undisturbed)
+
+
+def test_a_fault_needs_exactly_one_moment():
+    for moment in ({}, {"round": 2, "at_s": 1.0}):
+        with pytest.raises(raysim.ScenarioError, match="faults.0.*exactly one"):
+            raysim.load_scenario(spec(faults=[{"kind": "kill_actor", **moment}]))
 
 
 NODE_LOSS = """
