@@ -32,3 +32,25 @@ def with_changes(spec: dict, changes: dict) -> dict:
             node = node.setdefault(key, {})
         node[last] = value
     return spec
+
+
+def assert_same_run(run, reference, events_rtol: float = 0.0) -> None:
+    """Two raysim RunResults are the same run: the same rounds, once each; every metrics column but the
+    wall-clock ones equal (within 1e-6); events.parquet identical (floats within ``events_rtol`` if given);
+    final weights within 1e-6."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import pytest
+
+    from raysim.metrics import WALL_CLOCK_COLUMNS
+
+    assert run.metrics["round"].to_pylist() == reference.metrics["round"].to_pylist()  # none missing or repeated
+    for column in reference.metrics.column_names:
+        ours, theirs = run.metrics[column].to_pylist(), reference.metrics[column].to_pylist()
+        if isinstance(theirs[0], str):
+            assert ours == theirs, column
+        elif column not in WALL_CLOCK_COLUMNS:
+            assert ours == pytest.approx(theirs, rel=1e-6, abs=1e-6, nan_ok=True), column
+    assert_tables_identical(pq.read_table(run.run_dir / "events.parquet"),
+                            pq.read_table(reference.run_dir / "events.parquet"), rtol=events_rtol)
+    np.testing.assert_allclose(run.global_weights, reference.global_weights, atol=1e-6)

@@ -8,8 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import raysim
-from helpers import assert_tables_identical, with_changes
-from raysim.metrics import WALL_CLOCK_COLUMNS
+from helpers import assert_same_run, assert_tables_identical, with_changes
 
 pytestmark = pytest.mark.ray
 
@@ -33,24 +32,11 @@ def undisturbed(ray_session, tmp_path_factory):
     return raysim.run(spec(), out_dir=tmp_path_factory.mktemp("faults") / "calm")
 
 
-def _same_run(run, calm) -> None:
-    assert run.metrics["round"].to_pylist() == calm.metrics["round"].to_pylist()  # no round missing or repeated
-    for column in calm.metrics.column_names:
-        ours, theirs = run.metrics[column].to_pylist(), calm.metrics[column].to_pylist()
-        if isinstance(theirs[0], str):
-            assert ours == theirs, column
-        elif column not in WALL_CLOCK_COLUMNS:
-            assert ours == pytest.approx(theirs, rel=1e-6, abs=1e-6, nan_ok=True), column
-    assert_tables_identical(pq.read_table(run.run_dir / "events.parquet"),
-                            pq.read_table(calm.run_dir / "events.parquet"))
-    np.testing.assert_allclose(run.global_weights, calm.global_weights, atol=1e-6)
-
-
 def test_a_quarter_of_the_actors_killed_mid_round_changes_nothing(undisturbed, tmp_path):
     run = raysim.run(spec(faults=[{"kind": "kill_actor", "round": 3, "actors": [2]}]), out_dir=tmp_path / "killed")
     assert run.summary["actors_replaced"] == [{"step": 3, "actor": 2, "reason": "died"}]
     assert undisturbed.summary["actors_replaced"] == []
-    _same_run(run, undisturbed)
+    assert_same_run(run, undisturbed)
 
 
 def test_an_actor_that_does_not_answer_in_time_is_replaced(undisturbed, tmp_path):
@@ -58,7 +44,7 @@ def test_an_actor_that_does_not_answer_in_time_is_replaced(undisturbed, tmp_path
                    "cluster.call_timeout_s": 3})
     run = raysim.run(slow, out_dir=tmp_path / "slow")
     assert run.summary["actors_replaced"] == [{"step": 2, "actor": 1, "reason": "timed out"}]
-    _same_run(run, undisturbed)
+    assert_same_run(run, undisturbed)
 
 
 def test_a_short_delay_is_waited_for_and_faults_can_come_at_a_virtual_time(undisturbed, tmp_path):
@@ -69,7 +55,7 @@ def test_a_short_delay_is_waited_for_and_faults_can_come_at_a_virtual_time(undis
     # A straggling actor within the timeout is simply waited for; the kill comes with round 2, the first to
     # start at that virtual time.
     assert run.summary["actors_replaced"] == [{"step": 2, "actor": 3, "reason": "died"}]
-    _same_run(run, undisturbed)
+    assert_same_run(run, undisturbed)
 
 
 def test_a_fault_needs_exactly_one_moment():

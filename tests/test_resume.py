@@ -16,9 +16,8 @@ import pytest
 import yaml
 
 import raysim
-from helpers import assert_tables_identical, with_changes
+from helpers import assert_same_run, with_changes
 from raysim.cli import main
-from raysim.metrics import WALL_CLOCK_COLUMNS
 from raysim.privacy import Privacy, RunAccountant
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,19 +79,6 @@ def uninterrupted(ray_session, tmp_path_factory):
     return raysim.run(spec(), out_dir=tmp_path_factory.mktemp("resume") / "whole")
 
 
-def _assert_same_run(resumed, whole) -> None:
-    assert resumed.metrics["round"].to_pylist() == list(range(1, ROUNDS + 1))  # every round once
-    for column in whole.metrics.column_names:
-        ours, theirs = resumed.metrics[column].to_pylist(), whole.metrics[column].to_pylist()
-        if isinstance(theirs[0], str):
-            assert ours == theirs, column
-        elif column not in WALL_CLOCK_COLUMNS:
-            assert ours == pytest.approx(theirs, rel=1e-6, abs=1e-6, nan_ok=True), column
-    assert_tables_identical(pq.read_table(resumed.run_dir / "events.parquet"),
-                            pq.read_table(whole.run_dir / "events.parquet"))
-    np.testing.assert_allclose(resumed.global_weights, whole.global_weights, atol=1e-6)
-
-
 @pytest.mark.ray
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["sigkill", "ctrl-c"])
 def test_a_stopped_run_resumes_to_the_uninterrupted_result(uninterrupted, tmp_path, sig):
@@ -109,7 +95,8 @@ def test_a_stopped_run_resumes_to_the_uninterrupted_result(uninterrupted, tmp_pa
     kept = pq.read_table(run_dir / "metrics.parquet")["round"].to_pylist()
     assert kept[-1] >= saved - 3  # written with every checkpoint
     resumed = raysim.run(None, resume=run_dir)
-    _assert_same_run(resumed, uninterrupted)
+    assert resumed.metrics["round"].to_pylist() == list(range(1, ROUNDS + 1))
+    assert_same_run(resumed, uninterrupted)
     tb = list((run_dir / "tb").glob("events.out.tfevents.*"))
     assert len(tb) == 1  # rebuilt on resume: no round twice
 
@@ -128,13 +115,13 @@ def test_an_async_run_killed_mid_way_resumes_to_the_uninterrupted_result(ray_ses
     run_dir = tmp_path / "stopped"
     code, _ = _stop_at_round(_start(scenario_file, run_dir), run_dir, at_least=6, sig=signal.SIGKILL)
     assert code == -signal.SIGKILL and 6 <= _round_of(run_dir / "checkpoints" / "latest.npz") < ROUNDS
-    _assert_same_run(raysim.run(None, resume=run_dir), whole)
+    assert_same_run(raysim.run(None, resume=run_dir), whole)
 
 
 @pytest.mark.ray
 def test_resuming_a_finished_run_changes_nothing(uninterrupted):
     again = raysim.run(None, resume=uninterrupted.run_dir)
-    _assert_same_run(again, uninterrupted)
+    assert_same_run(again, uninterrupted)
 
 
 def test_bad_resumes_are_one_paragraph_and_status_2(tmp_path, capsys):

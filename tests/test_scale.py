@@ -10,11 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import raysim
-from helpers import assert_tables_identical, with_changes
+from helpers import assert_same_run, assert_tables_identical, with_changes
 from raysim.cluster import Placement, expected_work
 from raysim.errors import DataError
 from raysim.fleet import store
-from raysim.metrics import WALL_CLOCK_COLUMNS
 
 # ---------------------------------------------------------------------- balanced shards (no Ray)
 
@@ -135,21 +134,6 @@ def tiny(**changes) -> dict:
     }, changes)
 
 
-def _same_results(run, other) -> None:
-    """The same run up to float rounding: sums grouped differently over actors may differ in the last bit."""
-    assert_tables_identical(pq.read_table(other.run_dir / "events.parquet"),
-                            pq.read_table(run.run_dir / "events.parquet"), rtol=1e-5)
-    for column in run.metrics.column_names:
-        if column in WALL_CLOCK_COLUMNS:
-            continue
-        ours, theirs = other.metrics[column].to_pylist(), run.metrics[column].to_pylist()
-        if isinstance(theirs[0], str):
-            assert ours == theirs, column
-        else:
-            assert ours == pytest.approx(theirs, rel=1e-6, abs=1e-6, nan_ok=True), column
-    np.testing.assert_allclose(other.global_weights, run.global_weights, atol=1e-6)
-
-
 @pytest.fixture(scope="module")
 def tiny_run(ray_session, tmp_path_factory):
     return raysim.run(tiny(), out_dir=tmp_path_factory.mktemp("scale") / "tiny")
@@ -168,7 +152,7 @@ def test_sums_formed_on_the_actors_equal_the_coordinators_mean(ray_session, tmp_
     on_actors = raysim.run(tiny(**CASES[case]), out_dir=tmp_path / "actors")
     central = raysim.run(tiny(**CASES[case], **{"cluster.aggregate_on_actors": False}), out_dir=tmp_path / "central")
     assert on_actors.summary["aggregated_on_actors"] and not central.summary["aggregated_on_actors"]
-    _same_results(central, on_actors)
+    assert_same_run(on_actors, central, events_rtol=1e-5)
     assert on_actors.metrics["updates_applied"].to_pylist() == [30, 30, 30]
 
 
@@ -184,7 +168,7 @@ def test_training_batches_and_shard_layout_change_nothing(tiny_run, tmp_path):
     other = raysim.run(tiny(**{"cluster.sensors_per_batch": 3, "cluster.balance": "contiguous",
                                "cluster.client_actors": 3}), out_dir=tmp_path / "batches")
     assert other.summary["client_actors"] == 3
-    _same_results(tiny_run, other)
+    assert_same_run(other, tiny_run, events_rtol=1e-5)
 
 
 @pytest.mark.ray
