@@ -131,6 +131,7 @@ class ClientActor:
         control: np.ndarray | None = None,
         reduce: str | None = None,
         delay_s: float = 0.0,
+        crash: bool = False,
     ) -> dict[str, Any]:
         """Train hosted sensors; one call per training batch.
 
@@ -149,11 +150,14 @@ class ClientActor:
         sample count or 1, and ``finite`` marks which updates were; memory then
         stays bounded by one batch whatever the number of tasks. ``busy_s`` is
         the wall time spent in this call; ``delay_s`` adds that much wall-clock
-        sleep first (a slow machine, injected by ``faults``).
+        sleep first (a slow machine, injected by ``faults``); ``crash`` ends the
+        actor's process in the middle of the call, as a killed machine would.
         """
         started = time.perf_counter()
         if delay_s:
             time.sleep(delay_s)
+        if crash:
+            os._exit(1)
         if self.downlink is not None:  # the model arrives encoded
             weights = tuple(self.downlink.decode(w) for w in weights)
         sensor_ids = np.asarray(sensor_ids)

@@ -289,22 +289,25 @@ class Coordinator:
         owners = self.owner[positions]
         actor_indices = np.unique(owners)
         faults = self._faults_now()
+        sent_at = time.perf_counter()
         calls, rows, replays = [], [], []
         for actor_index in actor_indices:
             mine = np.flatnonzero(owners == actor_index)
             rows.append(mine)
             args = (task_keys[mine], self.profiles.sensor_id[positions[mine]], version_slots[mine], lr[mine], *refs)
             replays.append((args, options))
-            delay = sum(f.seconds for f in faults if f.kind == "slow_actor" and actor_index in f.actors)
-            calls.append(self.actors[actor_index].train.remote(*args, **options, **({"delay_s": delay} if delay else {})))
-        for fault in faults:
-            if fault.kind == "kill_actor":  # mid-round: the calls are on their way
-                for index in fault.actors:
+            injected = {"delay_s": sum(f.seconds for f in faults if f.kind == "slow_actor" and actor_index in f.actors),
+                        "crash": any(f.kind == "kill_actor" and actor_index in f.actors for f in faults)}
+            calls.append(self.actors[actor_index].train.remote(*args, **options,
+                                                               **{k: v for k, v in injected.items() if v}))
+        for fault in faults:  # an actor to kill that has no task this round dies now, found dead at its next call
+            if fault.kind == "kill_actor":
+                for index in set(fault.actors) - set(actor_indices.tolist()):
                     if index < len(self.actors):
                         ray.kill(self.actors[index], no_restart=True)
         return _Training(calls, rows, len(positions), self.codec, actor_indices, self.trainings_done,
                          replays=replays, recover=self._replace_actor,
-                         timeout_s=self.scenario.cluster.call_timeout_s)
+                         timeout_s=self.scenario.cluster.call_timeout_s, sent_at=sent_at)
 
     def _faults_now(self) -> list[Any]:
         """The scenario's faults due in the step under way, each taken once."""
@@ -556,12 +559,12 @@ class _Training:
     def __init__(self, calls: list[Any], rows: list[np.ndarray], count: int, codec: Any = None,
                  actor_indices: np.ndarray | None = None, done: list["_Training"] | None = None, *,
                  replays: list[tuple[tuple, dict]] | None = None, recover: Any = None,
-                 timeout_s: float | None = None) -> None:
+                 timeout_s: float | None = None, sent_at: float | None = None) -> None:
         self.calls, self.rows, self.count, self.codec = calls, rows, count, codec
         self.replays, self.recover, self.timeout_s = replays, recover, timeout_s
         self.actor_indices = actor_indices if actor_indices is not None else np.arange(len(calls))
         self._done = done  # where a collected batch reports itself, for the step's wall-clock figures
-        self.sent_at = time.perf_counter()
+        self.sent_at = sent_at if sent_at is not None else time.perf_counter()  # before the first call went out
         self.done_at = self.sent_at
         self.busy_s = np.zeros(len(calls))
         self._result: dict[str, Any] | None = None

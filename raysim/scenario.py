@@ -376,8 +376,9 @@ class ClusterSection(Frozen):
 class Fault(Frozen):
     """A failure injected into a run, to exercise recovery: ``{kind, round or at_s, actors}``.
 
-    ``kill_actor`` kills the listed client actors right after the round's
-    training calls are sent; ``slow_actor`` makes them sleep ``seconds`` of
+    ``kill_actor`` ends the listed client actors' processes in the middle of
+    the round's training call (one without a task that round is killed then
+    and found dead at its next call); ``slow_actor`` makes them sleep ``seconds`` of
     wall-clock time inside that round's call. The coordinator replaces an actor
     that dies or does not answer within ``cluster.call_timeout_s`` with a new
     one for the same sensors and trains the call again from the same inputs.

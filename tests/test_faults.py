@@ -21,7 +21,7 @@ def spec(**changes) -> dict:
                                           "test_sensors": 4}},
         "model": {"name": "mlp", "hidden": [8]},
         "training": {"rounds": 5, "batch_size": 8, "lr": 0.1},
-        "aggregation": {"cohort": 24},
+        "aggregation": {"cohort": 48},  # every actor trains every round, so a fault hits a call under way
         "cluster": {"num_cpus": 0.5, "client_actors": 4},
         "logging": {"progress": False, "tensorboard": False},
     }, changes)
@@ -114,8 +114,8 @@ def test_a_run_survives_losing_a_node(undisturbed, tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    # Long enough that the node goes while rounds remain; the undisturbed run is its first five rounds.
-    spread = spec(**{"training.rounds": 40, "checkpoint.every": 1})
+    # Long enough that many rounds remain when the node goes; compared with the same run undisturbed.
+    spread = spec(**{"training.rounds": 150, "checkpoint.every": 1})
     out = tmp_path / "node-loss"
     done = subprocess.run([sys.executable, "-c", NODE_LOSS, json.dumps(spread), str(out)], capture_output=True,
                           text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
@@ -126,7 +126,7 @@ def test_a_run_survives_losing_a_node(undisturbed, tmp_path):
             if a["node_id"] == report["removed"]}
     assert lost and {r["actor"] for r in report["replaced"]} == lost
     metrics = pq.read_table(out / "metrics.parquet")
-    assert metrics["round"].to_pylist() == list(range(1, 41))
-    calm = raysim.run(spread, out_dir=tmp_path / "calm-40")
+    assert metrics["round"].to_pylist() == list(range(1, 151))
+    calm = raysim.run(spread, out_dir=tmp_path / "calm-150")
     np.testing.assert_allclose(np.load(out / "checkpoints" / "final.npz")["weights"], calm.global_weights, atol=1e-6)
     assert_tables_identical(pq.read_table(out / "events.parquet"), pq.read_table(calm.run_dir / "events.parquet"))
