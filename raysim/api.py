@@ -174,10 +174,11 @@ def _resumable(scenario: Any, run_dir: Path, out_dir: Any) -> tuple[Scenario, Pa
 
 def _drive(scenario, fleet, availability, placement, run_dir: Path, created: list, progress,
            checkpoint: Path | None = None) -> RunResult:
-    actors = cluster.start_client_actors(scenario, fleet, placement)
+    shards = cluster.shard_sensors(scenario, fleet, placement)
+    actors = cluster.start_client_actors(scenario, fleet, placement, shards)
     created.extend(actors)
     # The coordinator starts while the client actors load their shards; the clock starts once all are up.
-    coordinator = cluster.start_coordinator(scenario, fleet, availability, actors, placement, str(run_dir))
+    coordinator = cluster.start_coordinator(scenario, fleet, availability, actors, shards, placement, str(run_dir))
     created.append(coordinator)
     where = ray.get([actor.placement.remote() for actor in actors])  # also waits until every shard is loaded
     write_json(_placement_record(placement, where), run_dir / "placement.json")

@@ -90,10 +90,6 @@ class ClientActor:
             plan = self.local.plan(len(y), stream(0, TRAIN, 0, 0))[:1]
             train_vectorized(self.model, self.layout, self.layout.flatten(self.model), [(x, y)], [plan], self.local)
 
-    def sensors(self) -> list[int]:
-        """The hosted sensor ids; returns once the actor has loaded its data (a readiness check)."""
-        return self.shard.ids.tolist()
-
     def placement(self) -> dict[str, Any]:
         """Where Ray put this actor: node and accelerator ids (for placement checks)."""
         context = ray.get_runtime_context()

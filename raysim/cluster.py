@@ -272,21 +272,22 @@ def _kill(handle: Any) -> None:
 ACTOR_POOL = _ActorPool()
 
 
-def start_client_actors(scenario: Scenario, fleet: Any, placement: Placement) -> list[Any]:
-    """One ClientActor per shard with the placement's CPU / GPU share; each loads its sensors.
+def start_client_actors(scenario: Scenario, fleet: Any, placement: Placement, shards: list[np.ndarray]) -> list[Any]:
+    """One ClientActor per shard (fleet positions, see :func:`shard_sensors`) with the placement's CPU / GPU
+    share; each loads its sensors.
 
     Actors idle from the previous run in this Ray session are reloaded rather
     than started (see :class:`_ActorPool`); hand them back with :func:`release`.
     """
     from raysim.client import ClientActor
 
-    shards = shard_sensors(scenario, fleet, placement)
     return ACTOR_POOL.start(ClientActor, placement.actor_options(),
                             [(scenario, fleet, fleet.profiles.sensor_id[s]) for s in shards])
 
 
 def start_coordinator(
-    scenario: Scenario, fleet: Any, availability: Any, actors: list[Any], placement: Placement, run_dir: str
+    scenario: Scenario, fleet: Any, availability: Any, actors: list[Any], shards: list[np.ndarray],
+    placement: Placement, run_dir: str,
 ) -> Any:
     """Start (or reload) the Coordinator actor on the driver's node (it writes the run directory there, and
     outlives the loss of any other node); it mostly waits on client actors, so it reserves no CPU."""
@@ -294,7 +295,6 @@ def start_coordinator(
 
     from raysim.coordinator import Coordinator
 
-    shards = shard_sensors(scenario, fleet, placement)
     args = (scenario, fleet, availability, actors, shards, run_dir, placement.actor_options())
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     return ACTOR_POOL.start(Coordinator, {"num_cpus": 0, "scheduling_strategy": here}, [args])[0]

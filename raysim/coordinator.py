@@ -61,7 +61,7 @@ class Coordinator:
         actors: list[Any],
         shards: list[np.ndarray],
         run_dir: str,
-        actor_options: dict[str, Any] | None = None,
+        actor_options: dict[str, Any],
     ) -> None:
         torch.set_num_threads(1)
         self.scenario = scenario
@@ -70,7 +70,7 @@ class Coordinator:
         self.availability = availability
         self.actors = list(actors)
         self.shards = shards
-        self.actor_options = actor_options or {"num_cpus": scenario.cluster.num_cpus}
+        self.actor_options = actor_options  # how a replacement client actor is started
         self.replaced: list[dict[str, Any]] = []  # client actors replaced after dying or timing out
         self.faults_done: set[int] = set()
         # Position of each sensor in the fleet → index of the client actor hosting it.
@@ -119,7 +119,6 @@ class Coordinator:
         self.wall_started = time.perf_counter()
         self.wall_before = 0.0  # wall seconds a resumed run had already run
         self.reduce = self._reduction()
-        self.checkpoints = True
         self.trainings_done: list[_Training] = []  # collected since the last recorded step: their wall times
         self.loop = SyncRounds(self) if scenario.aggregation.mode == "sync" else AsyncSteps(self)
 
@@ -148,10 +147,11 @@ class Coordinator:
         then ``checkpoints/latest.npz`` replaces the previous checkpoint in one
         rename: the global model, the virtual clock, the totals, the server's
         state (strategy, server optimizer, DP clipping bound, privacy
-        accountant) and every sensor's own state from the client actors. All
-        random draws come from streams keyed by (seed, purpose, sensor, round),
-        so no generator state needs saving. A kill at any moment leaves the
-        previous checkpoint or this one, whole.
+        accountant), every sensor's own state from the client actors and, for
+        an asynchronous run, its schedule (:meth:`AsyncSteps.state`, with the
+        dispatch generator). Every other random draw comes from a stream keyed
+        by (seed, purpose, sensor, round), which has no state. A kill at any
+        moment leaves the previous checkpoint or this one, whole.
         """
         self.recorder.write()
         loop_state = self.loop.state() if isinstance(self.loop, AsyncSteps) else None  # collects its trainings first
@@ -195,8 +195,7 @@ class Coordinator:
                              ("privacy.", self.central_dp), ("accountant.", self.accountant)):
             if part is not None:
                 part.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-        clients = {kind: dict(zip(state[f"clients.{kind}.ids"].tolist(), state[f"clients.{kind}"]))
-                   for kind in ("controls", "residuals")}
+        clients = _client_state(state)
         ray.get([actor.load_client_state.remote(clients) for actor in self.actors])
         if "loop" in state:
             self.loop.load(state["loop"].tobytes())
@@ -225,7 +224,7 @@ class Coordinator:
         row = self.loop.step()
         if row is None:
             self.stopped_for_budget = self.step_index + 1
-        elif self.checkpoints and self.step_index % self.scenario.checkpoint.every == 0:
+        elif self.step_index % self.scenario.checkpoint.every == 0:
             self.checkpoint()
         return row
 
@@ -335,9 +334,7 @@ class Coordinator:
         latest = self.run_dir / "checkpoints" / "latest.npz"
         if latest.is_file():
             with np.load(latest) as saved:
-                clients = {kind: dict(zip(saved[f"clients.{kind}.ids"].tolist(), saved[f"clients.{kind}"]))
-                           for kind in ("controls", "residuals")}
-            handle.load_client_state.remote(clients)
+                handle.load_client_state.remote(_client_state(saved))
         self.actors[index] = handle
         self.replaced.append({"step": self.step_index + 1, "actor": int(index), "reason": reason})
         return handle
@@ -514,8 +511,7 @@ class Coordinator:
         if last is not None and math.isnan(last["accuracy"]):
             accuracy, loss = evaluate(self.model, self.layout, self.weights, self.test_x, self.test_y)
             self.recorder.amend_last(accuracy=float(accuracy), loss=float(loss))
-        if self.checkpoints:
-            self.checkpoint()  # resuming a finished run then has nothing left to do
+        self.checkpoint()  # writes the outputs too; resuming a finished run then has nothing left to do
         self.recorder.close()
         checkpoints = self.run_dir / "checkpoints"
         checkpoints.mkdir(exist_ok=True)
@@ -553,18 +549,23 @@ class Coordinator:
         }
 
 
+def _client_state(saved: Any) -> dict[str, dict[int, np.ndarray]]:
+    """The sensors' own state in a checkpoint, as ``ClientActor.load_client_state`` takes it."""
+    return {kind: dict(zip(saved[f"clients.{kind}.ids"].tolist(), saved[f"clients.{kind}"]))
+            for kind in ("controls", "residuals")}
+
+
 class _Training:
     """Training calls in progress on the client actors; ``result()`` collects them once."""
 
-    def __init__(self, calls: list[Any], rows: list[np.ndarray], count: int, codec: Any = None,
-                 actor_indices: np.ndarray | None = None, done: list["_Training"] | None = None, *,
-                 replays: list[tuple[tuple, dict]] | None = None, recover: Any = None,
-                 timeout_s: float | None = None, sent_at: float | None = None) -> None:
+    def __init__(self, calls: list[Any], rows: list[np.ndarray], count: int, codec: Any, actor_indices: np.ndarray,
+                 done: list["_Training"], *, replays: list[tuple[tuple, dict]], recover: Any, timeout_s: float,
+                 sent_at: float) -> None:
         self.calls, self.rows, self.count, self.codec = calls, rows, count, codec
         self.replays, self.recover, self.timeout_s = replays, recover, timeout_s
-        self.actor_indices = actor_indices if actor_indices is not None else np.arange(len(calls))
+        self.actor_indices = actor_indices
         self._done = done  # where a collected batch reports itself, for the step's wall-clock figures
-        self.sent_at = sent_at if sent_at is not None else time.perf_counter()  # before the first call went out
+        self.sent_at = sent_at  # just before the first call went out
         self.done_at = self.sent_at
         self.busy_s = np.zeros(len(calls))
         self._result: dict[str, Any] | None = None
@@ -574,8 +575,7 @@ class _Training:
             parts = [self._get(i) for i in range(len(self.calls))]
             self.done_at = time.perf_counter()
             self.busy_s = np.array([p["busy_s"] for p in parts])
-            if self._done is not None:
-                self._done.append(self)
+            self._done.append(self)
             order = np.empty(self.count, dtype=np.int64)
             order[np.concatenate(self.rows)] = np.arange(self.count)
             merged: dict[str, Any] = {key: np.concatenate([np.atleast_1d(p[key]) for p in parts])[order]
@@ -598,8 +598,6 @@ class _Training:
         try:
             return ray.get(self.calls[i], timeout=self.timeout_s)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
-            if self.recover is None:
-                raise
             reason = "timed out" if isinstance(exc, ray.exceptions.GetTimeoutError) else "died"
             actor = self.recover(int(self.actor_indices[i]), reason)
             args, options = self.replays[i]

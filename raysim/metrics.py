@@ -237,7 +237,7 @@ class RunRecorder:
             self.tb.flush()
 
     def close(self) -> None:
-        self.write()
+        """Close TensorBoard's file; the Parquet files are as the last :meth:`write` left them."""
         if self.tb is not None:
             self.tb.close()
 

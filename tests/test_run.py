@@ -187,7 +187,8 @@ def test_fractional_gpus_pack_four_actors_per_gpu(ray_session):
                                              "cluster.num_gpus": 0.25, "fleet.sensors": 40}))
     placement = cluster.plan_placement(scenario, cluster.cluster_resources())
     assert placement.client_actors == 8
-    actors = cluster.start_client_actors(scenario, prepare_fleet(scenario, default_cache_dir()), placement)
+    fleet = prepare_fleet(scenario, default_cache_dir())
+    actors = cluster.start_client_actors(scenario, fleet, placement, cluster.shard_sensors(scenario, fleet, placement))
     try:
         where = ray.get([a.placement.remote() for a in actors])
     finally:
