@@ -19,9 +19,9 @@ from raysim import cluster
 from raysim.availability import Availability
 from raysim.compression import CODECS
 from raysim.errors import RaysimError, RaysimWarning, RunInterrupted, ScenarioError
-from raysim.fleet import prepare_fleet
+from raysim.architectures import build_architectures
+from raysim.fleet import load_proxy, prepare_fleet
 from raysim.metrics import peak_rss_mb, reset_peak_rss, write_json
-from raysim.models import ParamLayout, build_model
 from raysim.scenario import Scenario, load_scenario
 
 ProgressCallback = Callable[[dict[str, Any]], None]
@@ -81,7 +81,7 @@ def run(
                                 f"(or continue it with --resume {run_dir}).")
     fleet = prepare_fleet(scenario, default_cache_dir())
     availability = Availability.from_scenario(scenario, fleet.profiles)  # reads and checks any trace files
-    _check_codec(scenario, fleet)
+    _check_models(scenario, fleet)
     _check_privacy_budget(scenario)
 
     reset_peak_rss()  # the summary's driver figure is this run's peak
@@ -109,14 +109,21 @@ def run(
     return result
 
 
-def _check_codec(scenario: Scenario, fleet: Any) -> None:
-    """A codec's settings can depend on the model's size (top-k's k ≤ d): check them against the built model."""
-    layout = ParamLayout.of(build_model(scenario.model, fleet.channels, fleet.window, fleet.classes))
-    for direction in ("uplink", "downlink"):
+def _check_models(scenario: Scenario, fleet: Any) -> None:
+    """What depends on the built models: personal-layer names, and codec settings that depend on a model's
+    size (top-k's k ≤ d); and a Parquet fleet's proxy file. Checked before anything starts."""
+    try:
+        arch = build_architectures(scenario, fleet.channels, fleet.window, fleet.classes)
+    except ValueError as exc:
+        raise ScenarioError(f"invalid scenario {scenario.source}: {exc}.") from None
+    segments = [("uplink", g.shared_numels) for g in arch.groups] + [("downlink", arch.numels)]
+    for direction, numels in segments:
         try:
-            CODECS.build(getattr(scenario.compression, direction), layout.numels)
+            CODECS.build(getattr(scenario.compression, direction), numels)
         except ValueError as exc:
             raise ScenarioError(f"invalid scenario {scenario.source}: compression.{direction}: {exc}.") from None
+    if scenario.proxy.path is not None:
+        load_proxy(scenario, fleet)
 
 
 def _check_privacy_budget(scenario: Scenario) -> None:

@@ -20,7 +20,7 @@ import math
 import os
 import pickle
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from raysim.compression import CODECS
 from raysim.errors import AggregationError
 from raysim.fleet import FleetData, preprocess, store
 from raysim.metrics import RunRecorder, peak_rss_mb, process_memory, reset_peak_rss, summarize
-from raysim.models import ParamLayout, build_model, init_weights
+from raysim.architectures import Group, build_architectures, describe, logits_bytes, work_factor
 from raysim.privacy import CentralDP, RunAccountant
 from raysim.scenario import Scenario
 from raysim.streams import ATTACK, COHORT, DISPATCH, PRIVACY, stream
@@ -77,41 +77,57 @@ class Coordinator:
         self.owner = np.empty(len(self.profiles), dtype=np.int64)
         for index, shard in enumerate(shards):
             self.owner[shard] = index
-        self.model = build_model(scenario.model, fleet.channels, fleet.window, fleet.classes)
-        self.layout = ParamLayout.of(self.model)
-        aggregation = scenario.aggregation
-        context = ServerContext(fleet_size=len(self.profiles), dim=self.layout.size, momentum=scenario.training.momentum)
-        self.strategy = STRATEGIES.build(aggregation.strategy, context)
-        self.aggregator = AGGREGATORS.build(aggregation.aggregator)
-        self.optimizer = SERVER_OPTIMIZERS.build(aggregation.server_optimizer)
+        self.arch = build_architectures(scenario, fleet.channels, fleet.window, fleet.classes)
+        self.groups = [_GroupState(scenario, group, len(self.profiles), fleet) for group in self.arch.groups]
+        first = self.groups[0]
+        self.model, self.layout = first.model, first.group.layout
+        self.strategy, self.aggregator, self.optimizer = first.strategy, first.aggregator, first.optimizer
         self.scaffold = bool(self.strategy.client()["scaffold"])
+        # Each sensor's architecture, local learning-rate factor (its tier's lr) and compute per sample
+        # (its tier's model; distillation and alignment terms add work: architectures.work_factor).
+        self.group_of = self.arch.group_of(self.profiles.tier)
+        self.lr_scale = np.array([(t.lr or scenario.training.lr) / scenario.training.lr
+                                  for t in scenario.fleet.tiers])[self.profiles.tier]
+        factor = work_factor(scenario, self.profiles.num_samples)
+        self.profiles = replace(self.profiles, seconds_per_sample=self.profiles.seconds_per_sample * factor)
         compression = scenario.compression
-        self.codec = CODECS.build(compression.uplink, self.layout.numels) if compression.uplink.name != "none" else None
-        self.downlink = (CODECS.build(compression.downlink, self.layout.numels)
-                         if compression.downlink.name != "none" else None)
-        # Bytes per transfer: the (encoded) model down and the encoded update up, each with SCAFFOLD's
-        # float32 control variate (or its change) when the strategy uses one.
+        self.codec = first.codec
+        self.downlink = CODECS.build(compression.downlink, self.arch.numels) if compression.downlink.name != "none" else None
+        # Bytes per transfer, by architecture: the (encoded) model's shared layers down and the encoded update
+        # up, each with SCAFFOLD's float32 control variate (or its change) when the strategy uses one, and
+        # with distillation the consensus logits down and the sensor's logits up.
         control_bytes = self.layout.num_bytes if self.scaffold else 0
-        self.update_bytes = self.codec.payload_bytes if self.codec is not None else self.layout.num_bytes
-        model_bytes = self.downlink.payload_bytes if self.downlink is not None else self.layout.num_bytes
-        self.bytes_down = model_bytes + control_bytes
-        self.bytes_up = self.update_bytes + control_bytes
-        # Raw float32 bytes per byte actually sent, each way.
-        self.compression = {"uplink": (self.layout.num_bytes + control_bytes) / self.bytes_up,
-                            "downlink": (self.layout.num_bytes + control_bytes) / self.bytes_down}
+        logit_bytes = logits_bytes(scenario, fleet.classes)
+        raw_up, raw_down, up, down = [], [], [], []
+        for g in self.groups:
+            shared = 4 * len(g.group.shared)
+            model_bytes = (CODECS.build(compression.downlink, g.group.shared_numels).payload_bytes
+                           if compression.downlink.name != "none" else shared)
+            down.append(model_bytes + control_bytes + logit_bytes)
+            up.append(g.update_bytes + control_bytes + logit_bytes)
+            raw = shared + control_bytes + 4 * self.arch.consensus_size
+            raw_up.append(raw)
+            raw_down.append(raw)
+        self.bytes_up_of = np.array(up, dtype=np.int64)[self.group_of]  # per fleet position
+        self.bytes_down_of = np.array(down, dtype=np.int64)[self.group_of]
+        # Raw float32 bytes per byte actually sent, each way (over the fleet's sensors).
+        share = np.bincount(self.group_of, minlength=len(self.groups)).astype(np.float64)
+        self.compression = {"uplink": float(share @ raw_up / (share @ up)),
+                            "downlink": float(share @ raw_down / (share @ down))}
         privacy = scenario.privacy
         self.central_dp = (CentralDP(privacy, scenario.expected_cohort())
                            if privacy is not None and privacy.mode == "central" else None)
         self.accountant = RunAccountant(privacy, len(self.profiles)) if privacy is not None else None
         self.stopped_for_budget: int | None = None  # the step the privacy budget did not allow
-        self.clock_inputs = dict(seed=scenario.seed, bytes_down=self.bytes_down, bytes_up=self.bytes_up,
-                                 epochs=scenario.training.local_epochs, availability=availability)
+        self.clock_inputs = dict(seed=scenario.seed, epochs=scenario.training.local_epochs, availability=availability)
         self.malicious = (choose_attackers(scenario.seed, self.profiles.sensor_id, scenario.attack.fraction)
                           if scenario.attack is not None else np.zeros(len(self.profiles), dtype=bool))
         self.fingerprints: dict[int, int] = {}  # model version → fingerprint of its weights
-        self.weights = init_weights(scenario.model, fleet.channels, fleet.window, fleet.classes, scenario.seed)
+        self.weights = self.arch.init_weights(scenario.seed, fleet.channels, fleet.window, fleet.classes)
         self.test_x, self.test_y = _load_test_set(fleet, scenario)
-        self.recorder = RunRecorder(Path(run_dir), scenario.logging.tensorboard)
+        extra = () if len(self.groups) == 1 else tuple(f"{kind}.{g.group.name}" for g in self.groups
+                                                         for kind in ("accuracy", "loss"))
+        self.recorder = RunRecorder(Path(run_dir), scenario.logging.tensorboard, extra)
         self.run_dir = Path(run_dir)
         self.step_index = 0  # rounds (sync) or server steps (async) done
         self.virtual_time_s = 0.0
@@ -165,12 +181,13 @@ class Coordinator:
             state["loop"] = np.frombuffer(loop_state, dtype=np.uint8)
         # What each model version's recipients reported training from (async updates name older versions).
         state["fingerprints"] = np.array(sorted(self.fingerprints.items()), dtype=np.int64).reshape(-1, 2)
-        for kind in ("controls", "residuals"):
+        for kind in CLIENT_STATE:  # one flat array per kind: each sensor's vector, lengths in .sizes
             merged = {k: v for c in clients for k, v in c[kind].items()}
             ids = np.array(sorted(merged), dtype=np.int64)
             state[f"clients.{kind}.ids"] = ids
-            state[f"clients.{kind}"] = (np.stack([merged[i] for i in ids.tolist()]) if len(ids)
-                                        else np.zeros((0, self.layout.size), np.float32))
+            state[f"clients.{kind}.sizes"] = np.array([len(merged[i]) for i in ids.tolist()], dtype=np.int64)
+            state[f"clients.{kind}"] = (np.concatenate([merged[i] for i in ids.tolist()]).astype(np.float32)
+                                        if len(ids) else np.zeros(0, np.float32))
         folder = self.run_dir / "checkpoints"
         folder.mkdir(exist_ok=True)
         tmp = folder / f".latest.{os.getpid()}.tmp"
@@ -191,8 +208,10 @@ class Coordinator:
         self.virtual_time_s = float(state["virtual_time_s"])
         self.wall_before = float(state["wall_time_s"])
         self.totals = {k: int(state[f"totals.{k}"]) for k in self.totals}
-        for prefix, part in (("optimizer.", self.optimizer), ("strategy.", self.strategy),
-                             ("privacy.", self.central_dp), ("accountant.", self.accountant)):
+        parts = [("privacy.", self.central_dp), ("accountant.", self.accountant)]
+        for g in self.groups:
+            parts += [(f"{g.prefix}optimizer.", g.optimizer), (f"{g.prefix}strategy.", g.strategy)]
+        for prefix, part in parts:
             if part is not None:
                 part.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
         clients = _client_state(state)
@@ -205,8 +224,10 @@ class Coordinator:
 
     def _server_state(self) -> dict[str, np.ndarray]:
         """The server's state by part: optimizer.*, strategy.*, privacy.* (central DP) and accountant.*."""
-        state = {f"optimizer.{k}": v for k, v in self.optimizer.state_dict().items()}
-        state.update({f"strategy.{k}": v for k, v in self.strategy.state_dict().items()})
+        state = {}
+        for g in self.groups:  # the first architecture's without a prefix, the others' as group<i>.*
+            state.update({f"{g.prefix}optimizer.{k}": v for k, v in g.optimizer.state_dict().items()})
+            state.update({f"{g.prefix}strategy.{k}": v for k, v in g.strategy.state_dict().items()})
         if self.central_dp is not None:
             state.update({f"privacy.{k}": v for k, v in self.central_dp.state_dict().items()})
         if self.accountant is not None:
@@ -238,7 +259,7 @@ class Coordinator:
         """
         scenario = self.scenario
         aggregation = scenario.aggregation
-        linear = (scenario.cluster.aggregate_on_actors and aggregation.mode == "sync"
+        linear = (scenario.cluster.aggregate_on_actors and aggregation.mode == "sync" and self.arch.single
                   and isinstance(self.strategy, FedAvg) and aggregation.aggregator.name == "mean"
                   and aggregation.clip_norm is None and self.central_dp is None and scenario.attack is None
                   and not aggregation.validation.filters)
@@ -280,7 +301,7 @@ class Coordinator:
                 self.fingerprints[v] = fingerprint(received)
         slot = {v: i for i, v in enumerate(needed)}
         version_slots = np.array([slot[v] for v in versions.tolist()], dtype=np.int64)
-        lr = self.lr_at(versions)
+        lr = self.lr_at(versions, positions)
         shared = self.strategy.broadcast()
         options = {"control": ray.put(shared)} if shared is not None else {}
         if reduce is not None:
@@ -304,7 +325,7 @@ class Coordinator:
                 for index in set(fault.actors) - set(actor_indices.tolist()):
                     if index < len(self.actors):
                         ray.kill(self.actors[index], no_restart=True)
-        return _Training(calls, rows, len(positions), self.codec, actor_indices, self.trainings_done,
+        return _Training(calls, rows, len(positions), self._decoder(positions), actor_indices, self.trainings_done,
                          replays=replays, recover=self._replace_actor,
                          timeout_s=self.scenario.cluster.call_timeout_s, sent_at=sent_at)
 
@@ -339,15 +360,39 @@ class Coordinator:
         self.replaced.append({"step": self.step_index + 1, "actor": int(index), "reason": reason})
         return handle
 
+    def _group_bytes(self) -> tuple[list[int], list[int]]:
+        """Bytes of one update up and of one model (with the consensus) down, per architecture."""
+        first = [int(np.flatnonzero(self.group_of == g.group.index)[0]) if (self.group_of == g.group.index).any()
+                 else 0 for g in self.groups]
+        return [self.bytes_up_of[i] for i in first], [self.bytes_down_of[i] for i in first]
+
+    def _decoder(self, positions: np.ndarray) -> Any:
+        """How the coordinator decodes row k's uplink payload (None without a codec): the row's architecture's
+        codec, its shared layers placed in the coordinator's layout when the run has more than one."""
+        if self.codec is None:
+            return None
+        if self.arch.single:
+            return lambda payload, row: self.codec.decode(payload)
+        groups = self.group_of[positions]
+
+        def decode(payload: bytes, row: int) -> np.ndarray:
+            g = self.groups[groups[row]]
+            full = np.zeros(self.arch.model_size, dtype=np.float32)
+            full[g.group.columns] = g.codec.decode(payload)
+            return full
+
+        return decode
+
     def _downlink_payload(self, weights: np.ndarray) -> np.ndarray | bytes:
         """What goes down to the sensors: the weights, or their encoding (downlink codecs draw nothing)."""
         return self.downlink.encode(weights, np.random.default_rng(0)) if self.downlink is not None else weights
 
-    def lr_at(self, versions: np.ndarray) -> np.ndarray:
-        """Local learning rate of tasks training from these model versions (version v is round v + 1's)."""
+    def lr_at(self, versions: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Local learning rate of sensors ``positions`` training from these model versions (version v is
+        round v + 1's): the schedule's rate, scaled by the sensor's tier's own ``lr``."""
         training = self.scenario.training
         rates = {v: training.lr_schedule.at(training.lr, v + 1, training.rounds) for v in set(versions.tolist())}
-        return np.array([rates[v] for v in versions.tolist()], dtype=np.float64)
+        return np.array([rates[v] for v in versions.tolist()], dtype=np.float64) * self.lr_scale[positions]
 
     def aggregate(self, positions: np.ndarray, trained: dict[str, np.ndarray], *, step_key: int,
                   base_versions: np.ndarray, staleness: np.ndarray, base_weights: np.ndarray | None = None) -> np.ndarray:
@@ -359,30 +404,69 @@ class Coordinator:
         """
         if "sums" in trained:
             return self._aggregate_sums(trained, base_versions)
+        if self.arch.single:
+            reasons = self._aggregate_group(self.groups[0], None, positions, trained, step_key, base_versions,
+                                            staleness, base_weights)
+        else:  # each architecture's model from its own sensors' updates; never changed in place (async keeps versions)
+            self.weights = self.weights.copy()
+            reasons = np.empty(len(positions), dtype=object)
+            groups = self.group_of[positions]
+            for g in self.groups:
+                rows = np.flatnonzero(groups == g.group.index)
+                if len(rows):
+                    reasons[rows] = self._aggregate_group(g, rows, positions, trained, step_key, base_versions,
+                                                          staleness, base_weights)
+            if "logits" in trained:
+                self._update_consensus(trained["logits"][reasons == ACCEPTED])
+        return reasons.astype(str)
+
+    def _aggregate_group(self, g: "_GroupState", rows: np.ndarray | None, positions: np.ndarray,
+                         trained: dict[str, np.ndarray], step_key: int, base_versions: np.ndarray,
+                         staleness: np.ndarray, base_weights: np.ndarray | None) -> np.ndarray:
+        """:meth:`aggregate` for one architecture: its ``rows`` of the step (None = all) and its shared
+        columns of the global vector (all of it when the run has one architecture and no personal layers)."""
         scenario = self.scenario
-        updates = trained["updates"]
+        single = rows is None
+        take = (lambda a: a) if single else (lambda a: a[rows])
+        cols = None if single else g.group.columns
+        updates = trained["updates"] if single else trained["updates"][np.ix_(rows, cols)]
+        positions, base_versions = take(positions), np.asarray(take(np.asarray(base_versions)))
         attack = scenario.attack
         if attack is not None and self.malicious[positions].any():
-            updates = attack_updates(attack, updates, self.malicious[positions], stream(scenario.seed, ATTACK, step_key))
+            keys = (step_key,) if g.group.index == 0 else (step_key, g.group.index)
+            updates = attack_updates(attack, updates, self.malicious[positions], stream(scenario.seed, ATTACK, *keys))
         expected = np.array([self.fingerprints.get(int(v), -1) for v in base_versions], dtype=np.int64)
-        reasons = screen(updates, trained["fingerprint"] == expected, scenario.aggregation.validation).astype(object)
+        reasons = screen(updates, take(trained["fingerprint"]) == expected, scenario.aggregation.validation).astype(object)
         valid = reasons == ACCEPTED
-        if valid.sum() < max(self.aggregator.min_updates(), 1):
+        if valid.sum() < max(g.aggregator.min_updates(), 1):
             reasons[valid] = TOO_FEW
-            return reasons.astype(str)
+            return reasons
+        bases = None
+        if base_weights is not None:
+            bases = take(base_weights) if single else base_weights[np.ix_(rows, cols)]
         batch = UpdateBatch(
             updates[valid],
-            trained["num_samples"][valid],
-            staleness=np.asarray(staleness)[valid],
-            steps=trained["steps"][valid],
-            lr=self.lr_at(np.asarray(base_versions))[valid],
-            base_weights=base_weights[valid] if base_weights is not None else None,
-            controls=trained["controls"][valid] if "controls" in trained else None,
+            take(trained["num_samples"])[valid],
+            staleness=np.asarray(take(np.asarray(staleness)))[valid],
+            steps=take(trained["steps"])[valid],
+            lr=self.lr_at(base_versions, positions)[valid],
+            base_weights=bases[valid] if bases is not None else None,
+            controls=take(trained["controls"])[valid] if "controls" in trained else None,
         )
-        combine = self._combine if self.central_dp is None else self._private_combine(step_key)
-        step = self.strategy.pseudo_gradient(self.weights, batch, combine)
-        self.weights = self.optimizer.apply(self.weights, step)
-        return reasons.astype(str)
+        combine = g.combine if self.central_dp is None else self._private_combine(step_key)
+        current = self.weights if single else self.weights[cols]
+        step = g.strategy.pseudo_gradient(current, batch, combine)
+        if single:
+            self.weights = g.optimizer.apply(current, step)
+        else:
+            self.weights[cols] = g.optimizer.apply(current, step)
+        return reasons
+
+    def _update_consensus(self, logits: np.ndarray) -> None:
+        """The step's consensus: the mean of the accepted sensors' proxy-set logits, all architectures alike."""
+        if len(logits):
+            self.weights[self.arch.consensus] = logits.mean(axis=0, dtype=np.float64).astype(np.float32)
+            self.weights[self.arch.flag] = 1.0
 
     def _aggregate_sums(self, trained: dict[str, Any], base_versions: np.ndarray) -> np.ndarray:
         """:meth:`aggregate` for a round the client actors summed (:meth:`_reduction`): the same checks and
@@ -408,10 +492,6 @@ class Coordinator:
         self.weights = self.optimizer.apply(self.weights, self.strategy.from_mean(mean))
         return reasons.astype(str)
 
-    def _combine(self, updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        clip = self.scenario.aggregation.clip_norm
-        return self.aggregator.aggregate(norm_clip(updates, clip) if clip is not None else updates, weights)
-
     def _private_combine(self, step_key: int):
         """Central DP-FedAvg's combine for one step: uniform weights, clip, sum, noise, ÷ m (weights ignored)."""
         rng = stream(self.scenario.seed, PRIVACY, step_key)
@@ -419,19 +499,20 @@ class Coordinator:
 
     def plan(self, positions: np.ndarray, task_keys: np.ndarray | int, dispatched_at: float) -> TaskPlan:
         return plan_tasks(self.profiles.take(positions), task_keys=task_keys, dispatched_at=dispatched_at,
-                          positions=positions, **self.clock_inputs)
+                          positions=positions, bytes_down=self.bytes_down_of[positions],
+                          bytes_up=self.bytes_up_of[positions], **self.clock_inputs)
 
     def plan_one(self, position: int, task_key: int, dispatched_at: float) -> TaskTiming:
         return plan_task(self.profiles, position, task_key=task_key, dispatched_at=dispatched_at,
+                         bytes_down=int(self.bytes_down_of[position]), bytes_up=int(self.bytes_up_of[position]),
                          **self.clock_inputs)
 
     def record(self, row: dict[str, Any], events: dict[str, np.ndarray], staleness: np.ndarray | None = None) -> dict:
         """Evaluate if due, complete the step's metrics row, and hand both to the recorder."""
         self.step_index = row["round"]
         scenario = self.scenario
-        accuracy = loss = float("nan")
         if self.step_index % scenario.logging.eval_every == 0 or self.step_index == scenario.training.rounds:
-            accuracy, loss = evaluate(self.model, self.layout, self.weights, self.test_x, self.test_y)
+            row.update(self._evaluate())
         self.totals["bytes_up"] += row["bytes_up"]
         self.totals["bytes_down"] += row["bytes_down"]
         self.totals["updates_applied"] += row["updates_applied"]
@@ -439,8 +520,6 @@ class Coordinator:
         row.update(
             virtual_time_s=self.virtual_time_s,
             wall_time_s=wall,
-            accuracy=float(accuracy),
-            loss=float(loss),
             cumulative_bytes_up=self.totals["bytes_up"],
             cumulative_bytes_down=self.totals["bytes_down"],
             uplink_compression=self.compression["uplink"],
@@ -448,9 +527,43 @@ class Coordinator:
             dp_clip_norm=self.central_dp.clip_norm if self.central_dp is not None else float("nan"),
             updates_per_s=self.totals["updates_applied"] / wall if wall > 0 else 0.0,
         )
+        for column in self.recorder.schema.names:  # not evaluated this step
+            row.setdefault(column, float("nan"))
         actors = self._actor_work(row)
         self.recorder.record_round(row, events, staleness, actors)
         return row
+
+    def _evaluate(self) -> dict[str, float]:
+        """The evaluation columns of a metrics row.
+
+        ``accuracy`` and ``loss`` are the global model's on the shared test
+        set; with several architectures, each one's global model is evaluated
+        (``accuracy.<architecture>``, ``loss.<architecture>``) and the headline
+        figures are their mean weighted by each architecture's share of the
+        fleet. With personalization, every sensor that has trained is
+        evaluated on its own held-out samples with its own model (the global
+        shared layers and its personal layers): mean, spread and 10th percentile.
+        """
+        out: dict[str, float] = {}
+        figures = []
+        for g in self.groups:
+            accuracy, loss = evaluate(g.model, g.group.layout, self.weights[g.group.span], self.test_x, self.test_y)
+            figures.append((accuracy, loss, float((self.group_of == g.group.index).mean())))
+            if len(self.groups) > 1:
+                out[f"accuracy.{g.group.name}"], out[f"loss.{g.group.name}"] = float(accuracy), float(loss)
+        out["accuracy"] = float(sum(a * w for a, _, w in figures))
+        out["loss"] = float(sum(l * w for _, l, w in figures))
+        if self.scenario.personalization is not None:
+            ref = ray.put(self._downlink_payload(self.weights))
+            parts = ray.get([actor.evaluate_personal.remote(ref) for actor in self.actors])
+            correct = np.concatenate([p["correct"] for p in parts])
+            count = np.concatenate([p["count"] for p in parts])
+            accuracy = correct / np.maximum(count, 1)
+            if len(accuracy):
+                out.update(personal_accuracy_mean=float(accuracy.mean()), personal_accuracy_std=float(accuracy.std()),
+                           personal_accuracy_p10=float(np.percentile(accuracy, 10)))
+            out["personal_sensors"] = float(len(accuracy))
+        return out
 
     def _actor_work(self, row: dict[str, Any]) -> dict[str, np.ndarray]:
         """Wall-clock figures of the training collected since the last step: the row's ``train_wall_s``
@@ -497,8 +610,8 @@ class Coordinator:
             "num_samples": members.num_samples,
             "local_steps": steps,
             "train_loss": train_loss,
-            "bytes_up": plan.up_attempts * self.bytes_up,
-            "bytes_down": plan.down_attempts * self.bytes_down,
+            "bytes_up": plan.up_attempts * self.bytes_up_of[positions],
+            "bytes_down": plan.down_attempts * self.bytes_down_of[positions],
         }
 
     def finish(self) -> dict[str, Any]:
@@ -509,8 +622,7 @@ class Coordinator:
         """
         last = self.recorder.metrics[-1] if self.recorder.metrics else None
         if last is not None and math.isnan(last["accuracy"]):
-            accuracy, loss = evaluate(self.model, self.layout, self.weights, self.test_x, self.test_y)
-            self.recorder.amend_last(accuracy=float(accuracy), loss=float(loss))
+            self.recorder.amend_last(**self._evaluate())
         self.checkpoint()  # writes the outputs too; resuming a finished run then has nothing left to do
         self.recorder.close()
         checkpoints = self.run_dir / "checkpoints"
@@ -520,6 +632,13 @@ class Coordinator:
         summary = summarize(self.recorder.metrics_table(), self.scenario.logging.target_accuracy)
         # Raw float32 bytes per byte sent (SCAFFOLD's control travels raw).
         summary["aggregated_on_actors"] = self.reduce is not None
+        final = self.recorder.metrics[-1] if self.recorder.metrics else {}
+        summary["architectures"] = [{**d, "final_accuracy": final.get(f"accuracy.{d['name']}", final.get("accuracy")),
+                                     "bytes_up_per_update": int(g_up), "bytes_down_per_task": int(g_down)}
+                                    for d, g_up, g_down in zip(describe(self.arch.groups), *self._group_bytes())]
+        if self.scenario.personalization is not None:
+            summary["personalization"] = {k: final.get(f"personal_{k}") for k in
+                                          ("accuracy_mean", "accuracy_std", "accuracy_p10", "sensors")}
         summary["actors_replaced"] = self.replaced
         summary["uplink_compression"] = self.compression["uplink"]
         summary["downlink_compression"] = self.compression["downlink"]
@@ -549,19 +668,48 @@ class Coordinator:
         }
 
 
+class _GroupState:
+    """The server side of one architecture: its model (for evaluation), strategy, aggregator, server
+    optimizer and uplink codec, all sized to its shared layers."""
+
+    def __init__(self, scenario: Scenario, group: Group, fleet_size: int, fleet: FleetData) -> None:
+        aggregation = scenario.aggregation
+        self.group = group
+        self.prefix = "" if group.index == 0 else f"group{group.index}."  # of its state in checkpoints
+        self.model = group.build(fleet.channels, fleet.window, fleet.classes)
+        context = ServerContext(fleet_size=fleet_size, dim=len(group.shared), momentum=scenario.training.momentum)
+        self.strategy = STRATEGIES.build(aggregation.strategy, context)
+        self.aggregator = AGGREGATORS.build(aggregation.aggregator)
+        self.optimizer = SERVER_OPTIMIZERS.build(aggregation.server_optimizer)
+        uplink = scenario.compression.uplink
+        self.codec = CODECS.build(uplink, group.shared_numels) if uplink.name != "none" else None
+        self.update_bytes = self.codec.payload_bytes if self.codec is not None else 4 * len(group.shared)
+        self.clip = aggregation.clip_norm
+
+    def combine(self, updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        return self.aggregator.aggregate(norm_clip(updates, self.clip) if self.clip is not None else updates, weights)
+
+
+CLIENT_STATE = ("controls", "residuals", "personal", "previous", "trained")  # kinds of ClientActor.client_state
+
+
 def _client_state(saved: Any) -> dict[str, dict[int, np.ndarray]]:
     """The sensors' own state in a checkpoint, as ``ClientActor.load_client_state`` takes it."""
-    return {kind: dict(zip(saved[f"clients.{kind}.ids"].tolist(), saved[f"clients.{kind}"]))
-            for kind in ("controls", "residuals")}
+    state = {}
+    for kind in CLIENT_STATE:
+        sizes = saved[f"clients.{kind}.sizes"]
+        parts = np.split(saved[f"clients.{kind}"], np.cumsum(sizes)[:-1]) if len(sizes) else []
+        state[kind] = dict(zip(saved[f"clients.{kind}.ids"].tolist(), parts))
+    return state
 
 
 class _Training:
     """Training calls in progress on the client actors; ``result()`` collects them once."""
 
-    def __init__(self, calls: list[Any], rows: list[np.ndarray], count: int, codec: Any, actor_indices: np.ndarray,
+    def __init__(self, calls: list[Any], rows: list[np.ndarray], count: int, decode: Any, actor_indices: np.ndarray,
                  done: list["_Training"], *, replays: list[tuple[tuple, dict]], recover: Any, timeout_s: float,
                  sent_at: float) -> None:
-        self.calls, self.rows, self.count, self.codec = calls, rows, count, codec
+        self.calls, self.rows, self.count, self.decode = calls, rows, count, decode  # decode(payload, row)
         self.replays, self.recover, self.timeout_s = replays, recover, timeout_s
         self.actor_indices = actor_indices
         self._done = done  # where a collected batch reports itself, for the step's wall-clock figures
@@ -580,7 +728,7 @@ class _Training:
             order[np.concatenate(self.rows)] = np.arange(self.count)
             merged: dict[str, Any] = {key: np.concatenate([np.atleast_1d(p[key]) for p in parts])[order]
                                       for key in ("num_samples", "train_loss", "steps")}
-            for key in ("updates", "fingerprint", "controls", "finite"):
+            for key in ("updates", "fingerprint", "controls", "finite", "logits"):
                 if key in parts[0]:
                     merged[key] = np.concatenate([p[key] for p in parts])[order]
             if "sum" in parts[0]:  # each actor's weighted sum of its own updates, and the rows it covers
@@ -588,7 +736,7 @@ class _Training:
                               part_rows=self.rows)
             elif "payloads" in parts[0]:
                 payloads = [payload for p in parts for payload in p["payloads"]]
-                merged["updates"] = np.stack([self.codec.decode(payloads[i]) for i in order])
+                merged["updates"] = np.stack([self.decode(payloads[i], row) for row, i in enumerate(order)])
             self._result, self.calls = merged, []
         return self._result
 
@@ -739,6 +887,7 @@ class _Task:
     row: int = 0  # its row in that batch
     trained: bool = False
     fingerprint: int = 0  # of the weights it trained from, as its client actor reports it
+    logits: np.ndarray | None = None  # with distillation: its local model's proxy-set logits
     reason: str = ""  # why validation rejected it, if it did
 
     def collect(self) -> None:
@@ -751,6 +900,7 @@ class _Task:
         self.num_samples = int(result["num_samples"][self.row])
         self.train_loss = float(result["train_loss"][self.row])
         self.steps = int(result["steps"][self.row])
+        self.logits = result["logits"][self.row] if "logits" in result else None
         self.trained = True
         self.training = None
 
@@ -977,6 +1127,8 @@ class AsyncSteps:
             "steps": np.array([t.steps for t in step.buffer], dtype=np.int64),
             "fingerprint": np.array([t.fingerprint for t in step.buffer], dtype=np.int64),
         }
+        if step.buffer[0].logits is not None:
+            buffer["logits"] = np.stack([t.logits for t in step.buffer])
         reasons = c.aggregate(np.array([t.position for t in step.buffer]), buffer, step_key=step.version,
                               base_versions=np.array([t.version for t in step.buffer]), staleness=staleness,
                               base_weights=np.stack([self.versions[t.version] for t in step.buffer]))
@@ -984,7 +1136,7 @@ class AsyncSteps:
             task.reason = str(reason)
         staleness = staleness[reasons == ACCEPTED]
         for task in step.buffer:
-            task.update = None  # applied; free the memory
+            task.update = task.logits = None  # applied; free the memory
         self.version = step.version
         self.versions[self.version] = c.weights
         self._send(self.version)

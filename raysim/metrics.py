@@ -57,8 +57,15 @@ METRICS_SCHEMA = pa.schema(
         ("train_wall_s", pa.float64()),  # wall seconds from sending the step's training calls to the last result
         ("actor_busy_mean_s", pa.float64()),  # wall seconds each client actor spent training, mean over actors
         ("actor_busy_max_s", pa.float64()),  # and the busiest actor's
+        # With personalization: every sensor that has trained, with its own model on its own held-out samples.
+        ("personal_accuracy_mean", pa.float64()),
+        ("personal_accuracy_std", pa.float64()),
+        ("personal_accuracy_p10", pa.float64()),  # the 10th percentile: how the worst-served sensors do
+        ("personal_sensors", pa.float64()),  # how many sensors that is
     ]
 )
+# A run with several model architectures adds accuracy.<architecture> and loss.<architecture> columns
+# (float64), one pair per architecture, named after its tiers (architectures.Group.name).
 
 EVENTS_SCHEMA = pa.schema(
     [
@@ -155,6 +162,9 @@ TB_BY_ROUND = {
     "downlink_compression": "communication/downlink_compression",
     "epsilon": "privacy/epsilon",
     "dp_clip_norm": "privacy/clip_norm",
+    "personal_accuracy_mean": "personal/accuracy_mean",
+    "personal_accuracy_std": "personal/accuracy_std",
+    "personal_accuracy_p10": "personal/accuracy_p10",
 }
 TB_BY_VIRTUAL_TIME = {"accuracy": "by_virtual_time_ms/accuracy", "loss": "by_virtual_time_ms/loss"}
 TB_BY_BYTES = {"accuracy": "by_bytes_up/accuracy"}  # step: cumulative uplink bytes
@@ -163,8 +173,11 @@ TB_BY_BYTES = {"accuracy": "by_bytes_up/accuracy"}  # step: cumulative uplink by
 class RunRecorder:
     """Collects a run's rows and writes them to the run directory."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool) -> None:
+    def __init__(self, run_dir: Path, tensorboard: bool, extra_columns: tuple[str, ...] = ()) -> None:
         self.run_dir = Path(run_dir)
+        # float64 columns beyond METRICS_SCHEMA (per-architecture figures); "a.b" is plotted as round/a/b
+        self.schema = pa.schema(list(METRICS_SCHEMA) + [(name, pa.float64()) for name in extra_columns])
+        self.extra_tags = {name: name.replace(".", "/", 1) for name in extra_columns}
         self.metrics: list[dict[str, Any]] = []
         self.events: list[pa.RecordBatch] = []
         self.actors: list[pa.RecordBatch] = []
@@ -193,7 +206,7 @@ class RunRecorder:
             table = pq.read_table(path) if path.exists() else schema.empty_table()
             return table.filter(pa.compute.less_equal(table["round"], last_round)).cast(schema)
 
-        self.metrics = kept("metrics.parquet", METRICS_SCHEMA).to_pylist()
+        self.metrics = kept("metrics.parquet", self.schema).to_pylist()
         self.events = kept("events.parquet", EVENTS_SCHEMA).to_batches()
         self.actors = kept("actors.parquet", ACTORS_SCHEMA).to_batches()
         if self.tb is not None:
@@ -215,7 +228,7 @@ class RunRecorder:
         def pick(tags: dict[str, str], prefix: str = "") -> dict[str, str]:
             return {column: prefix + tag for column, tag in tags.items() if only is None or column in only}
 
-        by_round = self.tb.scalars(row, pick(TB_BY_ROUND, "round/"))
+        by_round = self.tb.scalars(row, pick({**TB_BY_ROUND, **self.extra_tags}, "round/"))
         if staleness is not None and len(staleness):
             by_round.append(self.tb.integer_histogram("round/staleness", staleness))
         self.tb.write(int(row["round"]), by_round)
@@ -223,7 +236,7 @@ class RunRecorder:
         self.tb.write(int(row["cumulative_bytes_up"]), self.tb.scalars(row, pick(TB_BY_BYTES)))
 
     def metrics_table(self) -> pa.Table:
-        return pa.Table.from_pylist(self.metrics, schema=METRICS_SCHEMA)
+        return pa.Table.from_pylist(self.metrics, schema=self.schema)
 
     def events_table(self) -> pa.Table:
         return pa.Table.from_batches(self.events, schema=EVENTS_SCHEMA)

@@ -9,6 +9,7 @@ the field path and what was expected.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import types
 import typing
@@ -152,7 +153,11 @@ class Tier(Frozen):
 
     name: str
     share: Annotated[float, Field(gt=0, le=1)]
-    seconds_per_sample: PositiveFloat  # median compute cost of one sample in one local epoch
+    # Median compute cost of one sample in one local epoch, or derive it from the device's speed:
+    seconds_per_sample: Optional[PositiveFloat] = None
+    ops_per_s: Optional[PositiveFloat] = None  # sustained training FLOP/s; cost = model's training FLOPs / ops_per_s
+    model: Optional[MODELS.config_union()] = None  # type: ignore[valid-type]  # this tier's model; None = scenario's
+    lr: Optional[PositiveFloat] = None  # this tier's local learning rate; None = training.lr (schedules scale it)
     speed_sigma: NonNegativeFloat = 0.0  # per-sensor lognormal spread of seconds_per_sample
     jitter_sigma: NonNegativeFloat = 0.0  # per-task lognormal jitter of the compute time
     up_mbps: PositiveFloat
@@ -167,7 +172,14 @@ class Tier(Frozen):
     @model_validator(mode="before")
     @classmethod
     def _availability_kind(cls, raw: Any) -> Any:
-        return _default_tag(raw, "availability", "kind", "always")
+        return _default_tag(_default_tag(raw, "availability", "kind", "always"), "model", "name", "mlp")
+
+    @model_validator(mode="after")
+    def _one_speed(self) -> "Tier":
+        if (self.seconds_per_sample is None) == (self.ops_per_s is None):
+            raise ValueError(f"tier {self.name} needs exactly one of seconds_per_sample (seconds per sample and "
+                             f"epoch) and ops_per_s (the device's training FLOP/s)")
+        return self
 
 
 def _default_tiers() -> tuple[Tier, ...]:
@@ -397,6 +409,56 @@ class Fault(Frozen):
         return self
 
 
+class Personalization(Frozen):
+    """FedPer-style personal layers, and evaluation of every sensor's own model on its own held-out data.
+
+    ``layers`` names parameters (by name prefix, e.g. ``layers.2.``) that stay
+    on each sensor: never uploaded, never aggregated; ``head`` is each model's
+    classifier. ``layers: []`` keeps everything shared and only adds the
+    per-sensor evaluation. Each sensor keeps a seeded ⌊holdout·n⌋ of its
+    samples aside (never trained on) to measure its personalized accuracy.
+    """
+
+    layers: tuple[str, ...] = ("head",)
+    holdout: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
+
+
+class Proxy(Frozen):
+    """The public unlabeled proxy set that distillation and the MMD term use.
+
+    Synthetic fleets draw it from the fleet generator (unseen sensors, labels
+    dropped); Parquet fleets read ``path`` (raysim's schema; labels ignored).
+    """
+
+    samples: Annotated[int, Field(ge=1, le=1_000_000)] = 512  # P: proxy samples (a Parquet file's first P)
+    batch: PositiveInt = 32  # proxy samples each local step adds
+    path: Optional[str] = None  # Parquet fleets: the proxy set's file; relative to the scenario file
+
+
+class Distillation(Frozen):
+    """Knowledge exchange across architectures through soft labels on the proxy set (FedMD-style).
+
+    After local training every sensor uploads its logits on the P proxy
+    samples (P·K values, ``logits`` precision); the coordinator averages the
+    step's logits into a consensus that goes down with the next model. Each
+    local step then adds ``weight`` × T²·KL(softmax(consensus/T) ‖ softmax(student/T))
+    over a proxy batch. Each architecture keeps its own global model, averaged
+    over its own sensors.
+    """
+
+    temperature: PositiveFloat = 3.0
+    weight: NonNegativeFloat = 1.0  # α of the distillation term
+    logits: Literal["float32", "float16"] = "float32"  # precision of the logits on the wire
+
+
+class Alignment(Frozen):
+    """Feature-alignment regularizers, added to every sensor's local loss (0 = off)."""
+
+    mmd_weight: NonNegativeFloat = 0.0  # MMD² between the sensor's and the global model's features on a proxy batch
+    moon_weight: NonNegativeFloat = 0.0  # MOON model-contrastive term (Li, He & Song, CVPR 2021)
+    moon_temperature: PositiveFloat = 0.5
+
+
 class Checkpoint(Frozen):
     """How often a synchronous run saves what ``raysim run --resume RUN_DIR`` needs to continue it."""
 
@@ -442,6 +504,30 @@ def _privacy_fits(privacy: Privacy, aggregation: Aggregation) -> None:
         raise ValueError(f"adaptive: {exc}") from None
 
 
+def _alignment_fits(scenario: "Scenario") -> None:
+    """Architectures, personal layers, distillation and alignment terms the rest of the scenario allows."""
+    models = {json.dumps((t.model or scenario.model).model_dump(mode="json"), sort_keys=True)
+              for t in scenario.fleet.tiers}
+    several = len(models) > 1
+    personal = scenario.personalization is not None and bool(scenario.personalization.layers)
+    what = ("several model architectures" if several else "") + (" and " if several and personal else "") + (
+        "personal layers" if personal else "")
+    if several or personal:
+        if scenario.aggregation.strategy.name == "scaffold":
+            raise ValueError(f"strategy scaffold cannot be combined with {what}: its control variates span one "
+                             f"whole shared model")
+        if scenario.privacy is not None and scenario.privacy.mode == "central":
+            raise ValueError(f"central DP cannot be combined with {what}: its noise is calibrated to one shared "
+                             f"model (use privacy.mode local)")
+    needs_proxy = scenario.distillation is not None or scenario.alignment.mmd_weight > 0
+    data = scenario.fleet.data
+    if needs_proxy and data.kind == "parquet" and scenario.proxy.path is None:
+        raise ValueError("proxy.path: distillation and the MMD term need a public proxy set; with Parquet data "
+                         "give its file (raysim's schema, labels ignored)")
+    if scenario.proxy.path is not None and data.kind != "parquet":
+        raise ValueError("proxy.path is for Parquet fleets; a synthetic fleet draws its proxy set from the generator")
+
+
 class Scenario(Frozen):
     """A whole run, typed and frozen; ``load_scenario`` is the way to make one."""
 
@@ -458,6 +544,10 @@ class Scenario(Frozen):
     logging: Logging = Logging()
     checkpoint: Checkpoint = Checkpoint()
     faults: tuple[Fault, ...] = ()
+    personalization: Optional[Personalization] = None  # None = no personal layers, no per-sensor evaluation
+    distillation: Optional[Distillation] = None  # None = architectures learn apart
+    alignment: Alignment = Alignment()
+    proxy: Proxy = Proxy()
 
     # Directory relative data paths are resolved against (the scenario file's folder).
     base_dir: str = Field(default=".", exclude=True)
@@ -485,6 +575,7 @@ class Scenario(Frozen):
                 _privacy_fits(self.privacy, self.aggregation)
             except ValueError as exc:
                 raise ValueError(f"privacy: {exc}") from None
+        _alignment_fits(self)
         c = self.cluster
         if c.client_actors != "auto" and c.sensors_per_actor != "auto":
             if c.client_actors * c.sensors_per_actor < self.fleet.sensors:

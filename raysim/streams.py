@@ -20,6 +20,8 @@ AVAILABILITY = 0xA7A1  # per sensor and block: the on/off process
 ATTACK = 0xA77C  # which sensors are malicious, and the noise they send
 COMPRESS = 0xC0DE  # per sensor and task: a codec's stochastic rounding or random coordinates
 PRIVACY = 0xD1FF  # central: per round, the server's noise; local: per sensor and task, the sensor's noise
+PROXY = 0x9B0C  # per sensor and task: which proxy samples each local step adds (distillation, MMD)
+HOLDOUT = 0x401D  # per sensor: which of its samples are kept aside for personalized evaluation
 
 
 def stream(seed: int, purpose: int, *keys: int) -> np.random.Generator:

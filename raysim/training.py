@@ -26,6 +26,7 @@ They agree within float tolerance; ``tests/test_training.py`` proves it.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -119,6 +120,70 @@ class TrainResult:
     updates: np.ndarray  # float32 (S, d): local weights − global weights
     train_loss: np.ndarray  # float64 (S,): mean of the batch loss before each step; NaN for a sensor without steps
     steps: np.ndarray  # int64 (S,): SGD steps taken
+
+
+@dataclass
+class Regularizers:
+    """Terms added to every sensor's local loss besides the cross-entropy on its own batch.
+
+    With S sensors in the cohort, each local step s of sensor i also reads the
+    proxy samples ``proxy_plans[i][s]`` (one index array per step, like the
+    batch plan) and adds
+
+        α · T²·KL(softmax(teacher/T) ‖ softmax(student/T))   on the proxy batch (``teacher`` given)
+      + λ · MMD²(features(w; proxy batch), features(w₀; proxy batch))
+      + μ · MOON(features(w; x_b), features(w₀; x_b), features(w_prev; x_b))
+
+    with w₀ the sensor's start weights and w_prev its previous local model
+    (``previous`` (S, d); its start weights for a sensor without one, which
+    makes the MOON term constant). See :mod:`raysim.alignment`.
+    """
+
+    proxy_x: Any = None  # float32 (P, C, T): the public proxy set
+    proxy_plans: Sequence[Plan] = ()  # per sensor: one proxy index array per local step
+    teacher: Any = None  # float32 (P, K): consensus logits; None = no distillation term
+    kd_weight: float = 0.0
+    temperature: float = 1.0
+    mmd_weight: float = 0.0
+    moon_weight: float = 0.0
+    moon_temperature: float = 0.5
+    previous: np.ndarray | None = None  # float32 (S, d): each sensor's previous local weights (MOON)
+
+    @property
+    def active(self) -> bool:
+        return (self.teacher is not None and self.kd_weight > 0) or self.mmd_weight > 0 or self.moon_weight > 0
+
+    @property
+    def uses_proxy(self) -> bool:
+        return (self.teacher is not None and self.kd_weight > 0) or self.mmd_weight > 0
+
+    def extra_loss(self, features: Callable, classify: Callable, params: Any, start: Any, previous: Any,
+                   x: torch.Tensor, mask: torch.Tensor | None, proxy_x: torch.Tensor | None,
+                   teacher: torch.Tensor | None, own_features: torch.Tensor) -> torch.Tensor:
+        """The added terms for one step, batched or for one sensor (``...`` leading dims throughout).
+
+        ``features(p, x)`` and ``classify(p, h)`` evaluate the model with
+        parameters ``p`` (``params`` trained, ``start`` = w₀, ``previous`` = w_prev);
+        ``own_features`` are the trained model's features of the private batch x.
+        """
+        from raysim import alignment
+
+        total = torch.zeros(own_features.shape[:-2], dtype=own_features.dtype)
+        if self.uses_proxy:
+            proxy_features = features(params, proxy_x)
+            if teacher is not None and self.kd_weight > 0:
+                student = classify(params, proxy_features)
+                total = total + self.kd_weight * alignment.kd_loss(student, teacher, self.temperature)
+            if self.mmd_weight > 0:
+                with torch.no_grad():
+                    reference = features(start, proxy_x)
+                total = total + self.mmd_weight * alignment.mmd(proxy_features, reference)
+        if self.moon_weight > 0:
+            with torch.no_grad():
+                z_global, z_previous = features(start, x), features(previous, x)
+            total = total + self.moon_weight * alignment.moon_loss(own_features, z_global, z_previous,
+                                                                   self.moon_temperature, mask)
+        return total
 
 
 def local_step(
@@ -258,10 +323,13 @@ def train_reference(
     *,
     lr: np.ndarray | None = None,  # (S,) each sensor's η_s; None = cfg.lr for all
     correction: np.ndarray | None = None,  # (S, d) SCAFFOLD c − c_i added to every step's gradient; None = 0
+    regularizers: Regularizers | None = None,  # distillation, MMD and MOON terms; None = cross-entropy only
 ) -> TrainResult:
     """Train each sensor in turn on ``model`` with ordinary autograd (the oracle).
 
-    ``model`` is scratch space: its parameters are overwritten.
+    ``model`` is scratch space: its parameters are overwritten. The reported
+    train loss is the cross-entropy on the sensor's own batches, whatever
+    regularizers are added.
     """
     global_flat, lr, correction = _check_cohort(layout, global_flat, datasets, plans, cfg, lr, correction)
     params = [p for _, p in model.named_parameters()]
@@ -269,6 +337,11 @@ def train_reference(
     updates = np.zeros((num_sensors, layout.size), dtype=np.float32)
     loss_sum = np.zeros(num_sensors, dtype=np.float64)
     steps = np.array([len(plan) for plan in plans], dtype=np.int64)
+    reg = regularizers if regularizers is not None and regularizers.active else None
+    if reg is not None:  # scratch copies holding w₀ and w_prev, for the features the terms compare against
+        anchor, before = copy.deepcopy(model), copy.deepcopy(model)
+        proxy_x = _tensor(reg.proxy_x, torch.float32) if reg.uses_proxy else None
+        teacher = _tensor(reg.teacher, torch.float32) if reg.teacher is not None else None
     for i, ((x, y), plan) in enumerate(zip(datasets, plans)):
         x_t = _tensor(x, torch.float32)
         y_t = _tensor(y, torch.int64)
@@ -277,10 +350,22 @@ def train_reference(
         start = [p.detach().clone() for p in params] if cfg.prox_mu else None
         momentum = [torch.zeros_like(p) for p in params] if cfg.momentum else None
         drift = None if correction is None else list(layout.split(_tensor(correction[i], torch.float32)).values())
-        for idx in plan:
+        if reg is not None:
+            layout.load_into(anchor, global_flat[i])
+            layout.load_into(before, reg.previous[i] if reg.previous is not None else global_flat[i])
+        for step, idx in enumerate(plan):
             idx_t = torch.as_tensor(idx, dtype=torch.int64)
-            loss = F.cross_entropy(model(x_t[idx_t]), y_t[idx_t])
-            grads = torch.autograd.grad(loss, params)
+            if reg is None:
+                loss = objective = F.cross_entropy(model(x_t[idx_t]), y_t[idx_t])
+            else:
+                own = model.features(x_t[idx_t])
+                loss = F.cross_entropy(model.classify(own), y_t[idx_t])
+                picked = torch.as_tensor(reg.proxy_plans[i][step], dtype=torch.int64) if reg.uses_proxy else None
+                objective = loss + reg.extra_loss(
+                    lambda m, h: m.features(h), lambda m, h: m.classify(h), model, anchor, before, x_t[idx_t], None,
+                    proxy_x[picked] if picked is not None else None,
+                    teacher[picked] if teacher is not None else None, own)
+            grads = torch.autograd.grad(objective, params)
             with torch.no_grad():
                 local_step(params, grads, rate, cfg, start=start, correction=drift, momentum=momentum)
             loss_sum[i] += loss.item()
@@ -298,6 +383,7 @@ def train_vectorized(
     *,
     lr: np.ndarray | None = None,  # (S,) each sensor's η_s; None = cfg.lr for all
     correction: np.ndarray | None = None,  # (S, d) SCAFFOLD c − c_i added to every step's gradient; None = 0
+    regularizers: Regularizers | None = None,  # distillation, MMD and MOON terms; None = cross-entropy only
 ) -> TrainResult:
     """Train the whole cohort at once: one batched forward/backward per SGD step.
 
@@ -311,7 +397,15 @@ def train_vectorized(
     state of :func:`local_step` (start weights w₀, η_s, c_corr, momentum m) is
     stacked in the same sorted order, so step s slices the same prefix of each.
     ``model`` only supplies the architecture (``functional_call``); it is not modified.
+
+    With ``regularizers`` the model needs ``features_batched`` and
+    ``classify_batched`` (both registry models have them); a model without
+    them trains those cohorts with :func:`train_reference`, one sensor at a time.
     """
+    reg = regularizers if regularizers is not None and regularizers.active else None
+    if reg is not None and not hasattr(model, "features_batched"):
+        return train_reference(model, layout, global_flat, datasets, plans, cfg, lr=lr, correction=correction,
+                               regularizers=reg)
     global_flat, lr, correction = _check_cohort(layout, global_flat, datasets, plans, cfg, lr, correction)
     num_sensors = len(datasets)
     steps = np.array([len(plan) for plan in plans], dtype=np.int64)
@@ -340,9 +434,9 @@ def train_vectorized(
     # backward of slicing a flat row would materialise a zero (S, d) tensor
     # per parameter tensor.
     cohort_step = _batched_step(model) or vmap(grad_and_value(batch_loss))
-    # Plain SGD (no weight decay, momentum, proximal or drift term) on a model that can take the step
-    # itself never stores a gradient: see MLP.sgd_step_batched.
-    plain = not (cfg.weight_decay or cfg.momentum or cfg.prox_mu) and correction is None
+    # Plain SGD (no weight decay, momentum, proximal, drift or regularizer term) on a model that can take the
+    # step itself never stores a gradient: see MLP.sgd_step_batched.
+    plain = not (cfg.weight_decay or cfg.momentum or cfg.prox_mu) and correction is None and reg is None
     fused_step = getattr(model, "sgd_step_batched", None) if plain else None
     # Row r of every stacked state is sensor active[r]; fancy indexing copies, so all are private to this call.
     weights = torch.from_numpy(global_flat[active])
@@ -350,6 +444,13 @@ def train_vectorized(
     rates = torch.from_numpy(lr[active].astype(np.float32))
     drift = None if correction is None else torch.from_numpy(correction[active])
     momentum = torch.zeros_like(weights) if cfg.momentum else None
+    if reg is not None:
+        cohort_step = _regularized_step(model, reg)
+        anchor = torch.from_numpy(global_flat[active])  # w₀ of each row
+        previous = anchor if reg.previous is None else torch.from_numpy(
+            np.asarray(reg.previous, dtype=np.float32)[active])
+        proxy_x = _tensor(reg.proxy_x, torch.float32) if reg.uses_proxy else None
+        teacher = _tensor(reg.teacher, torch.float32) if reg.teacher is not None else None
 
     def prefix(stacked: torch.Tensor | None, width: int) -> list[torch.Tensor] | None:
         """Per-parameter views of the first ``width`` sensors' rows."""
@@ -374,7 +475,15 @@ def train_vectorized(
             losses = fused_step(params, x_b, y_b, torch.from_numpy(mask), rates[:width])
             step_losses[:width] += losses.to(torch.float64)
             continue
-        grads, losses = cohort_step(params, x_b, y_b, torch.from_numpy(mask))
+        if reg is None:
+            grads, losses = cohort_step(params, x_b, y_b, torch.from_numpy(mask))
+        else:
+            picked = (torch.from_numpy(np.stack([reg.proxy_plans[i][s] for i in active[:width]]).astype(np.int64))
+                      if reg.uses_proxy else None)
+            grads, losses = cohort_step(
+                params, x_b, y_b, torch.from_numpy(mask), layout.split(anchor[:width]), layout.split(previous[:width]),
+                proxy_x[picked] if picked is not None else None,
+                teacher[picked] if teacher is not None and picked is not None else None)
         with torch.no_grad():
             local_step(
                 list(params.values()),
@@ -410,6 +519,26 @@ def _batched_step(model: nn.Module) -> Callable | None:
         per_sample = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
         losses = torch.where(mask, per_sample, 0.0).sum(1) / mask.sum(1)
         grads = torch.autograd.grad(losses.sum(), list(leaves.values()))
+        return dict(zip(leaves, grads)), losses.detach()
+
+    return cohort_step
+
+
+def _regularized_step(model: nn.Module, reg: Regularizers) -> Callable:
+    """Like :func:`_batched_step`, with the :class:`Regularizers` terms added to every sensor's loss
+    (the losses returned are still the cross-entropies on the sensors' own batches)."""
+    features, classify = model.features_batched, model.classify_batched
+
+    def cohort_step(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
+                    start: dict[str, torch.Tensor], previous: dict[str, torch.Tensor], proxy_x: torch.Tensor | None,
+                    teacher: torch.Tensor | None):
+        leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
+        own = features(leaves, x)  # (S, B, width)
+        logits = classify(leaves, own)
+        per_sample = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+        losses = torch.where(mask, per_sample, 0.0).sum(1) / mask.sum(1)
+        objective = losses + reg.extra_loss(features, classify, leaves, start, previous, x, mask, proxy_x, teacher, own)
+        grads = torch.autograd.grad(objective.sum(), list(leaves.values()))
         return dict(zip(leaves, grads)), losses.detach()
 
     return cohort_step

@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -143,7 +143,8 @@ def _synthetic(scenario: "Scenario", cache_dir: Path) -> FleetData:
         channels=data.channels,
         window=data.window,
         classes=data.classes,
-        profiles=build_profiles(scenario, sensor_ids, counts),
+        profiles=build_profiles(scenario, sensor_ids, counts, _tier_seconds(scenario, data.channels, data.window,
+                                                                         data.classes)),
     )
 
 
@@ -169,8 +170,18 @@ def _parquet(scenario: "Scenario") -> FleetData:
         channels=train.channels,
         window=train.window,
         classes=max(train.classes, test.classes),
-        profiles=build_profiles(scenario, train.sensor_ids, train.num_samples),
+        profiles=build_profiles(scenario, train.sensor_ids, train.num_samples,
+                                _tier_seconds(scenario, train.channels, train.window, max(train.classes, test.classes))),
     )
+
+
+def _tier_seconds(scenario: "Scenario", channels: int, window: int, classes: int) -> list[float] | None:
+    """Per-tier median seconds per sample when some tier derives it from its model's FLOPs, else None."""
+    if all(t.seconds_per_sample is not None for t in scenario.fleet.tiers):
+        return None
+    from raysim.architectures import tier_seconds_per_sample
+
+    return tier_seconds_per_sample(scenario, channels, window, classes)
 
 
 def prepare_fleet(scenario: "Scenario", cache_dir: Path) -> FleetData:
@@ -181,6 +192,34 @@ def prepare_fleet(scenario: "Scenario", cache_dir: Path) -> FleetData:
     Parquet files are validated with :func:`inspect`; profile positions follow
     their sorted sensor ids.
     """
+    fleet = _synthetic(scenario, Path(cache_dir)) if scenario.fleet.data.kind == "synthetic" else _parquet(scenario)
+    if scenario.personalization is not None:  # the samples each sensor keeps aside are not trained on
+        from raysim.architectures import holdout_counts
+
+        counts = fleet.profiles.num_samples
+        kept = counts - holdout_counts(counts, scenario.personalization.holdout)
+        fleet = replace(fleet, profiles=replace(fleet.profiles, num_samples=kept))
+    return fleet
+
+
+def load_proxy(scenario: "Scenario", fleet: FleetData) -> np.ndarray:
+    """The public unlabeled proxy set, float32 (P, C, T), preprocessed as one sensor's data would be.
+
+    Synthetic fleets draw it from the generator; Parquet fleets read the
+    first ``proxy.samples`` windows of ``proxy.path`` (labels ignored).
+    """
+    proxy = scenario.proxy
     if scenario.fleet.data.kind == "synthetic":
-        return _synthetic(scenario, Path(cache_dir))
-    return _parquet(scenario)
+        x = synthetic.proxy_set(scenario.fleet.data, scenario.seed, proxy.samples)
+    else:
+        info = inspect(scenario.resolve_path(proxy.path))
+        if (info.channels, info.window) != (fleet.channels, fleet.window):
+            raise DataError(f"data file {info.path} (proxy.path): column 'x' must have the fleet's shape "
+                            f"(channels, window) = ({fleet.channels}, {fleet.window}), it has "
+                            f"({info.channels}, {info.window})")
+        x = read_all(info.path)[0]
+        if len(x) < proxy.samples:
+            raise DataError(f"data file {info.path} (proxy.path) holds {len(x)} samples, fewer than proxy.samples "
+                            f"= {proxy.samples}; lower proxy.samples or use a larger file")
+        x = x[: proxy.samples]
+    return preprocess.apply(x, scenario.fleet.data.preprocess)

@@ -113,7 +113,8 @@ def assign_tiers(tiers: Sequence["Tier"], sensors: int, seed: int) -> np.ndarray
     return np.random.default_rng([int(seed), _TIER_STREAM]).permutation(labels)
 
 
-def build_profiles(scenario: "Scenario", sensor_ids: np.ndarray, num_samples: np.ndarray) -> FleetProfiles:
+def build_profiles(scenario: "Scenario", sensor_ids: np.ndarray, num_samples: np.ndarray,
+                   tier_seconds: Sequence[float] | None = None) -> FleetProfiles:
     """Profiles of the fleet: each sensor draws its own values around its assigned tier's medians.
 
         seconds_per_sample = tier.seconds_per_sample · exp(speed_sigma · z₁)
@@ -124,7 +125,9 @@ def build_profiles(scenario: "Scenario", sensor_ids: np.ndarray, num_samples: np
     sensor_id)``, always all three, so a σ of 0 leaves the tier's value exact
     and changing one tier's σ does not move any other sensor. The other
     columns are copied from the tier. ``sensor_ids`` and ``num_samples`` are
-    aligned; positions follow them as given.
+    aligned; positions follow them as given. ``tier_seconds`` gives each
+    tier's median seconds_per_sample where tiers derive it from their models
+    (``architectures.tier_seconds_per_sample``).
     """
     sensor_ids = np.asarray(sensor_ids, dtype=np.int64).reshape(-1)
     num_samples = np.asarray(num_samples, dtype=np.int64).reshape(-1)
@@ -137,7 +140,9 @@ def build_profiles(scenario: "Scenario", sensor_ids: np.ndarray, num_samples: np
         z[row] = rng.standard_normal(len(_DRAWN_COLUMNS))
     columns = {}
     for k, (name, sigma_name) in enumerate(_DRAWN_COLUMNS.items()):
-        median = np.array([getattr(t, name) for t in tiers], dtype=np.float64)[tier]
+        given = tier_seconds if name == "seconds_per_sample" and tier_seconds is not None else [
+            getattr(t, name) for t in tiers]
+        median = np.array(given, dtype=np.float64)[tier]
         sigma = np.array([getattr(t, sigma_name) for t in tiers], dtype=np.float64)[tier]
         columns[name] = median * np.exp(sigma * z[:, k])
     for name, dtype in _TIER_COLUMNS.items():

@@ -48,6 +48,8 @@ _TEMPLATE_STREAM = 101
 _SENSOR_STREAM = 102
 _TEST_SENSOR_STREAM = 103
 _TEST_LAYOUT_STREAM = 104
+_PROXY_STREAM = 105
+_PROXY_PER_SENSOR = 50  # proxy samples drawn per unseen proxy sensor
 
 # Parts of one sensor's stream, so each quantity can be drawn on its own.
 _PART_QUANTITY = 0
@@ -308,6 +310,24 @@ def test_set(cfg: "SyntheticData", seed: int) -> tuple[np.ndarray, np.ndarray, n
     y = np.concatenate([p[2] for p in parts])
     sensor = np.concatenate([np.full(len(p[2]), p[0], dtype=np.int64) for p in parts])
     return x, y, sensor
+
+
+def proxy_set(cfg: "SyntheticData", seed: int, samples: int) -> np.ndarray:
+    """A public unlabeled proxy set: ``samples`` windows (C, T) from unseen proxy sensors of the same domain.
+
+    Drawn like the held-out set (class-balanced, 50 samples per proxy sensor,
+    each proxy sensor with its own calibration) but from its own stream, so
+    it shares no sample with the fleet or the test set; the labels are dropped.
+    """
+    tpl = templates(cfg, seed)
+    waves = _waves(tpl, cfg.window)
+    labels = _rng(seed, _PROXY_STREAM).permutation(np.arange(samples) % cfg.classes)
+    parts = []
+    for j, start in enumerate(range(0, samples, _PROXY_PER_SENSOR)):
+        rng = _rng(seed, _PROXY_STREAM, j, _PART_SAMPLES)
+        cal = _calibration(cfg.feature_skew, cfg.channels, rng)
+        parts.append(_render(cfg, tpl, waves, labels[start : start + _PROXY_PER_SENSOR], cal, rng))
+    return np.concatenate(parts).astype(np.float32)
 
 
 # pytest would otherwise try to collect these as tests when imported into a test module.

@@ -39,3 +39,14 @@ def init_weights(config: BaseModel, channels: int, window: int, classes: int, se
     """Initial weights as a flat float32 vector; the same seed gives the same vector."""
     module = build_model(config, channels, window, classes, seed=seed)
     return ParamLayout.of(module).flatten(module)
+
+
+def training_flops_per_sample(module: nn.Module, channels: int, window: int) -> float:
+    """FLOPs of one training sample: 3 × the forward pass (the backward pass costs about two forwards),
+    the forward counted by ``torch.utils.flop_counter`` on one window."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        module(torch.zeros(1, int(channels), int(window)))
+    return 3.0 * float(counter.get_total_flops())

@@ -75,9 +75,26 @@ class DSCNN(nn.Module):
             width = out
         self.blocks = nn.Sequential(*blocks)
         self.classifier = nn.Linear(width, classes)
+        # He initialisation (normal, fan-in; bias 0). PyTorch's default uniform ±1/√fan_in shrinks the signal
+        # block by block without BatchNorm, and the network then sits at chance for hundreds of steps.
+        for block in blocks:
+            nn.init.kaiming_normal_(block.depthwise.weight, nonlinearity="linear")
+            nn.init.kaiming_normal_(block.pointwise.weight, nonlinearity="relu")
+            nn.init.zeros_(block.depthwise.bias)
+            nn.init.zeros_(block.pointwise.bias)
+
+    head = "classifier."  # name prefix of the classifier's parameters: FedPer's usual personal layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.blocks(x).mean(dim=-1))
+        return self.classifier(self.features(x))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The representation the classifier reads: the last block's output averaged over time, (n, width)."""
+        return self.blocks(x).mean(dim=-1)
+
+    def classify(self, h: torch.Tensor) -> torch.Tensor:
+        """The classifier: features → logits."""
+        return self.classifier(h)
 
     def forward_batched(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """S models at once: ``params`` stacked (S, *shape), x (S, B, C, T) → logits (S, B, classes).
@@ -88,12 +105,19 @@ class DSCNN(nn.Module):
         groups and batched matrix products do. The classifier is one batched
         matrix product too.
         """
+        return self.classify_batched(params, self.features_batched(params, x))
+
+    def features_batched(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """:meth:`features` of S models at once: x (S, B, C, T) → (S, B, width)."""
         h = x.transpose(1, 2)  # (S, C, B, T); the first convolution reads it strided, once
         for index, block in enumerate(self.blocks):
             h = block.forward_stacked(params, f"blocks.{index}.", h)
-        pooled = h.mean(dim=-1).transpose(1, 2)  # (S, B, width)
+        return h.mean(dim=-1).transpose(1, 2)
+
+    def classify_batched(self, params: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+        """The classifier of S models: features (S, B, width) → logits (S, B, classes)."""
         weight, bias = params["classifier.weight"], params["classifier.bias"]
-        return torch.baddbmm(bias.unsqueeze(1), pooled, weight.transpose(1, 2))
+        return torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
 
 
 @MODELS.register("dscnn", DSCNNConfig)

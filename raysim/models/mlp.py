@@ -36,8 +36,21 @@ class MLP(nn.Module):
         layers.append(nn.Linear(width, classes))
         self.layers = nn.Sequential(*layers)
 
+    @property
+    def head(self) -> str:
+        """Name prefix of the classifier's parameters (the last linear layer): FedPer's usual personal layer."""
+        return f"layers.{len(self.layers) - 1}."
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The representation the classifier reads: the last hidden activation (the flattened window without one)."""
+        return self.layers[:-1](x)
+
+    def classify(self, h: torch.Tensor) -> torch.Tensor:
+        """The classifier (last linear layer): features → logits."""
+        return self.layers[-1](h)
 
     def forward_batched(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """S models at once: ``params`` stacked (S, *shape) per name, x (S, B, C, T) → logits (S, B, classes).
@@ -45,14 +58,23 @@ class MLP(nn.Module):
         Each layer is one batched matrix product (``baddbmm``), so a whole cohort
         costs a handful of kernels per step whatever its size.
         """
+        return self.classify_batched(params, self.features_batched(params, x))
+
+    def features_batched(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """:meth:`features` of S models at once: x (S, B, C, T) → (S, B, width)."""
         h = x.flatten(2)
-        for index, layer in enumerate(self.layers):
+        for index, layer in enumerate(self.layers[:-1]):
             if isinstance(layer, nn.Linear):
                 weight, bias = params[f"layers.{index}.weight"], params[f"layers.{index}.bias"]
                 h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
             elif not isinstance(layer, nn.Flatten):
                 h = layer(h)  # an elementwise activation
         return h
+
+    def classify_batched(self, params: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+        """The last linear layer of S models: features (S, B, width) → logits (S, B, classes)."""
+        weight, bias = params[f"{self.head}weight"], params[f"{self.head}bias"]
+        return torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
 
 
     @torch.no_grad()
