@@ -10,12 +10,14 @@ proxy set (:mod:`raysim.alignment`).
 Everything the coordinator sends down for one model version is still one flat
 float32 vector (DESIGN.md, "Performance architecture"):
 
-    [ group 0's weights | group 1's weights | ... | consensus logits (P·K) | consensus flag ]
+    [ group 0's weights | group 1's weights | ... | G consensus logits (P·K each) | G consensus flags ]
 
-The last two parts exist only with ``distillation``: the consensus is the mean
-of the logits the sensors uploaded for the proxy set's P samples, and the flag
-is 1 once there is one. With one group and no distillation the vector is
-exactly the model's weights.
+The last two parts exist only with ``distillation``. Group g's consensus is
+the mean logits, on the proxy set's P samples, of the teaching architectures
+it learns from (:attr:`Architectures.sources`: every teaching architecture but
+itself, or itself when it is the only architecture); its flag is 1 once that
+consensus exists. With one group and no distillation the vector is exactly
+the model's weights.
 
 Personal layers (FedPer, Arivazhagan et al. 2019) are parameters that stay on
 each sensor: they are never uploaded, never aggregated, and the coordinator's
@@ -91,31 +93,41 @@ class Architectures:
     groups: tuple[Group, ...]
     tier_group: np.ndarray  # int64 (tiers,): group of each tier
     model_size: int  # Σ group sizes
-    consensus_size: int  # P·K with distillation, else 0
+    logits_size: int  # P·K with distillation, else 0
     classes: int
+    sources: tuple[tuple[int, ...], ...] = ()  # per group: the groups whose logits make its consensus
+
+    @property
+    def consensus_size(self) -> int:
+        """Length of all the groups' consensus logits."""
+        return len(self.groups) * self.logits_size
 
     @property
     def size(self) -> int:
-        """Length of the global vector: the models, then (with distillation) the consensus and its flag."""
-        return self.model_size + (self.consensus_size + 1 if self.consensus_size else 0)
+        """Length of the global vector: the models, then (with distillation) the consensus logits and flags."""
+        return self.model_size + (self.consensus_size + len(self.groups) if self.logits_size else 0)
+
+    def consensus(self, group: int) -> slice:
+        start = self.model_size + group * self.logits_size
+        return slice(start, start + self.logits_size)
+
+    def flag(self, group: int) -> int:
+        return self.model_size + self.consensus_size + group
 
     @property
-    def consensus(self) -> slice:
-        return slice(self.model_size, self.model_size + self.consensus_size)
-
-    @property
-    def flag(self) -> int:
-        return self.model_size + self.consensus_size
+    def teaching(self) -> set[int]:
+        """Groups some other group learns from."""
+        return {t for sources in self.sources for t in sources}
 
     @property
     def single(self) -> bool:
         """One group, nothing personal, no consensus: the global vector is one model's weights."""
-        return len(self.groups) == 1 and not self.groups[0].personal.any() and not self.consensus_size
+        return len(self.groups) == 1 and not self.groups[0].personal.any() and not self.logits_size
 
     @property
     def numels(self) -> tuple[int, ...]:
         """Segments of the global vector: every group's parameter tensors, then the consensus with its flag."""
-        tail = (self.consensus_size + 1,) if self.consensus_size else ()
+        tail = (self.consensus_size + len(self.groups),) if self.logits_size else ()
         return tuple(n for g in self.groups for n in g.layout.numels) + tail
 
     def group_of(self, tiers: np.ndarray) -> np.ndarray:
@@ -175,8 +187,13 @@ def build_architectures(scenario: "Scenario", channels: int, window: int, classe
                              f"{config.name} (tiers {label}); at least one layer must be shared")
         groups.append(Group(index, label, config, tiers, offset, layout, personal, personal_names))
         offset += layout.size
-    consensus = scenario.proxy.samples * classes if scenario.distillation is not None else 0
-    return Architectures(tuple(groups), tier_group, offset, consensus, classes)
+    distill = scenario.distillation
+    if distill is None:
+        return Architectures(tuple(groups), tier_group, offset, 0, classes)
+    names = [t.name for t in scenario.fleet.tiers]
+    teachers = {int(tier_group[names.index(n)]) for n in (distill.teachers or names)}
+    sources = tuple(tuple(sorted(teachers - {g} if len(groups) > 1 else teachers)) for g in range(len(groups)))
+    return Architectures(tuple(groups), tier_group, offset, scenario.proxy.samples * classes, classes, sources)
 
 
 def tier_seconds_per_sample(scenario: "Scenario", channels: int, window: int, classes: int) -> list[float]:
@@ -219,12 +236,16 @@ def work_factor(scenario: "Scenario", num_samples: np.ndarray) -> np.ndarray:
     return factor
 
 
-def logits_bytes(scenario: "Scenario", classes: int) -> int:
-    """Bytes of one sensor's proxy-set logits on the wire (float32 or float16 values)."""
-    if scenario.distillation is None:
-        return 0
-    width = 2 if scenario.distillation.logits == "float16" else 4
-    return scenario.proxy.samples * classes * width
+def logits_bytes(scenario: "Scenario", arch: Architectures) -> tuple[list[int], list[int]]:
+    """Bytes of proxy-set logits on the wire per task of each group, (up, down): a teaching sensor's own
+    logits up (teacher local) and its group's consensus down, P·K float32 or float16 values each."""
+    distill = scenario.distillation
+    if distill is None:
+        return [0] * len(arch.groups), [0] * len(arch.groups)
+    size = arch.logits_size * (2 if distill.logits == "float16" else 4)
+    up = [size if distill.teacher == "local" and g in arch.teaching else 0 for g in range(len(arch.groups))]
+    down = [size if arch.sources[g] else 0 for g in range(len(arch.groups))]
+    return up, down
 
 
 def describe(groups: tuple[Group, ...]) -> list[dict[str, Any]]:

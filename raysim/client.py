@@ -252,7 +252,7 @@ class ClientActor:
             for row, sid in enumerate(sensor_ids.tolist()):
                 if sid in self.personal:
                     start[row, group.personal] = self.personal[sid]
-        regularizers = self._regularizers(weights[int(version_slots[0])], keys, plans, start)
+        regularizers = self._regularizers(group, weights[int(version_slots[0])], keys, plans, start)
         trainer = train_vectorized if self.scenario.training.vectorized else train_reference
         out: dict[str, Any] = {}
         if self.scaffold:
@@ -296,8 +296,10 @@ class ClientActor:
             out.update(sum=w @ updates[finite].astype(np.float64), weight=w.sum(), finite=finite)
         elif codec is None:
             out["updates"] = updates if self.arch.single else self._expand(group, updates)
-        if self.scenario.distillation is not None:
-            out["logits"] = self._proxy_logits(group, local_models)
+        if self.scenario.distillation is not None and self.scenario.distillation.teacher == "local":
+            # A teaching sensor uploads its logits; the others send none (NaN rows keep the results aligned).
+            out["logits"] = (self._proxy_logits(group, local_models) if group.index in self.arch.teaching
+                             else np.full((len(sensor_ids), self.arch.logits_size), np.nan, dtype=np.float32))
         out.update(num_samples=num_samples, train_loss=result.train_loss, steps=result.steps)
         return out
 
@@ -307,15 +309,16 @@ class ClientActor:
         full[:, group.columns] = updates
         return full
 
-    def _regularizers(self, weights: np.ndarray, keys: np.ndarray, plans: list, start: np.ndarray) -> Regularizers | None:
+    def _regularizers(self, group: Group, weights: np.ndarray, keys: np.ndarray, plans: list,
+                      start: np.ndarray) -> Regularizers | None:
         """The distillation, MMD and MOON terms of one cohort (None when the scenario has none)."""
         scenario = self.scenario
         distill, alignment = scenario.distillation, scenario.alignment
         if distill is None and not alignment.mmd_weight and not alignment.moon_weight:
             return None
         teacher = None
-        if distill is not None and weights[self.arch.flag] == 1.0:  # a consensus exists from the previous step
-            teacher = weights[self.arch.consensus].reshape(scenario.proxy.samples, self.arch.classes)
+        if distill is not None and weights[self.arch.flag(group.index)] == 1.0:  # its teachers' consensus exists
+            teacher = weights[self.arch.consensus(group.index)].reshape(scenario.proxy.samples, self.arch.classes)
         proxy_plans: list = []
         if teacher is not None or alignment.mmd_weight:
             batch, samples = scenario.proxy.batch, scenario.proxy.samples

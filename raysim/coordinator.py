@@ -27,12 +27,13 @@ from typing import Any
 import numpy as np
 import ray
 import torch
+from torch.func import functional_call
 
 from raysim.availability import Availability
 from raysim.clock import APPLIED, LATE, LOST, OFFLINE, TaskPlan, TaskTiming, plan_task, plan_tasks, stack_timings
 from raysim.compression import CODECS
 from raysim.errors import AggregationError
-from raysim.fleet import FleetData, preprocess, store
+from raysim.fleet import FleetData, load_proxy, preprocess, store
 from raysim.metrics import RunRecorder, peak_rss_mb, process_memory, reset_peak_rss, summarize
 from raysim.architectures import Group, build_architectures, describe, logits_bytes, work_factor
 from raysim.privacy import CentralDP, RunAccountant
@@ -97,17 +98,16 @@ class Coordinator:
         # up, each with SCAFFOLD's float32 control variate (or its change) when the strategy uses one, and
         # with distillation the consensus logits down and the sensor's logits up.
         control_bytes = self.layout.num_bytes if self.scaffold else 0
-        logit_bytes = logits_bytes(scenario, fleet.classes)
+        logits_up, logits_down = logits_bytes(scenario, self.arch)
         raw_up, raw_down, up, down = [], [], [], []
-        for g in self.groups:
+        for g, logit_up, logit_down in zip(self.groups, logits_up, logits_down):
             shared = 4 * len(g.group.shared)
             model_bytes = (CODECS.build(compression.downlink, g.group.shared_numels).payload_bytes
                            if compression.downlink.name != "none" else shared)
-            down.append(model_bytes + control_bytes + logit_bytes)
-            up.append(g.update_bytes + control_bytes + logit_bytes)
-            raw = shared + control_bytes + 4 * self.arch.consensus_size
-            raw_up.append(raw)
-            raw_down.append(raw)
+            down.append(model_bytes + control_bytes + logit_down)
+            up.append(g.update_bytes + control_bytes + logit_up)
+            raw_up.append(shared + control_bytes + (4 * self.arch.logits_size if logit_up else 0))
+            raw_down.append(shared + control_bytes + (4 * self.arch.logits_size if logit_down else 0))
         self.bytes_up_of = np.array(up, dtype=np.int64)[self.group_of]  # per fleet position
         self.bytes_down_of = np.array(down, dtype=np.int64)[self.group_of]
         # Raw float32 bytes per byte actually sent, each way (over the fleet's sensors).
@@ -124,6 +124,8 @@ class Coordinator:
                           if scenario.attack is not None else np.zeros(len(self.profiles), dtype=bool))
         self.fingerprints: dict[int, int] = {}  # model version → fingerprint of its weights
         self.weights = self.arch.init_weights(scenario.seed, fleet.channels, fleet.window, fleet.classes)
+        distill = scenario.distillation
+        self.proxy_x = load_proxy(scenario, fleet) if distill is not None and distill.teacher == "global" else None
         self.test_x, self.test_y = _load_test_set(fleet, scenario)
         extra = () if len(self.groups) == 1 else tuple(f"{kind}.{g.group.name}" for g in self.groups
                                                          for kind in ("accuracy", "loss"))
@@ -416,8 +418,13 @@ class Coordinator:
                 if len(rows):
                     reasons[rows] = self._aggregate_group(g, rows, positions, trained, step_key, base_versions,
                                                           staleness, base_weights)
-            if "logits" in trained:
-                self._update_consensus(trained["logits"][reasons == ACCEPTED])
+            if self.step_index + 1 < self.scenario.distillation.warmup if self.arch.logits_size else True:
+                pass  # no consensus yet: each architecture learns alone until the warm-up is over
+            elif "logits" in trained:
+                accepted = reasons == ACCEPTED
+                self._update_consensus(trained["logits"][accepted], groups[accepted])
+            elif self.proxy_x is not None:
+                self._update_consensus(self._global_logits(), np.arange(len(self.groups)))
         return reasons.astype(str)
 
     def _aggregate_group(self, g: "_GroupState", rows: np.ndarray | None, positions: np.ndarray,
@@ -462,11 +469,22 @@ class Coordinator:
             self.weights[cols] = g.optimizer.apply(current, step)
         return reasons
 
-    def _update_consensus(self, logits: np.ndarray) -> None:
-        """The step's consensus: the mean of the accepted sensors' proxy-set logits, all architectures alike."""
-        if len(logits):
-            self.weights[self.arch.consensus] = logits.mean(axis=0, dtype=np.float64).astype(np.float32)
-            self.weights[self.arch.flag] = 1.0
+    @torch.no_grad()
+    def _global_logits(self) -> np.ndarray:
+        """Every architecture's global model's logits on the proxy set, (G, P·K)."""
+        proxy = torch.from_numpy(self.proxy_x)
+        return np.stack([functional_call(g.model, g.group.layout.split(torch.from_numpy(self.weights[g.group.span])),
+                                         (proxy,)).reshape(-1).numpy() for g in self.groups])
+
+    def _update_consensus(self, logits: np.ndarray, sources: np.ndarray) -> None:
+        """Each architecture's consensus for the next step: the mean of the rows of ``logits`` (P·K each) that
+        come from the architectures it learns from (``sources``: each row's architecture). An architecture
+        whose teachers sent nothing this step keeps its previous consensus."""
+        for g, teachers in enumerate(self.arch.sources):
+            rows = np.isin(sources, teachers)
+            if rows.any():
+                self.weights[self.arch.consensus(g)] = logits[rows].mean(axis=0, dtype=np.float64).astype(np.float32)
+                self.weights[self.arch.flag(g)] = 1.0
 
     def _aggregate_sums(self, trained: dict[str, Any], base_versions: np.ndarray) -> np.ndarray:
         """:meth:`aggregate` for a round the client actors summed (:meth:`_reduction`): the same checks and

@@ -436,19 +436,30 @@ class Proxy(Frozen):
 
 
 class Distillation(Frozen):
-    """Knowledge exchange across architectures through soft labels on the proxy set (FedMD-style).
+    """Knowledge exchange across architectures through soft labels on the proxy set.
 
-    After local training every sensor uploads its logits on the P proxy
-    samples (P·K values, ``logits`` precision); the coordinator averages the
-    step's logits into a consensus that goes down with the next model. Each
-    local step then adds ``weight`` × T²·KL(softmax(consensus/T) ‖ softmax(student/T))
-    over a proxy batch. Each architecture keeps its own global model, averaged
-    over its own sensors.
+    Each step the coordinator forms a consensus: P·K logits on the P proxy
+    samples, the mean of the sensors' local models' logits (``teacher:
+    local``, uploaded after local training as in FedMD) or of every
+    architecture's global model's (``teacher: global``, an ensemble of the
+    architectures as in FedDF). The consensus goes down with the next model
+    (``logits`` precision), and each local step adds ``weight`` ×
+    T²·KL(softmax(consensus/T) ‖ softmax(student/T)) over a proxy batch.
+    Each architecture keeps its own global model, averaged over its own sensors.
     """
 
     temperature: PositiveFloat = 3.0
     weight: NonNegativeFloat = 1.0  # α of the distillation term
     logits: Literal["float32", "float16"] = "float32"  # precision of the logits on the wire
+    # Whose logits make the consensus: "local", every sensor's freshly trained local model (uploaded,
+    # FedMD); "global", every architecture's global model, computed on the coordinator after each step
+    # (an ensemble of the architectures, as in FedDF; nothing extra goes up).
+    teacher: Literal["local", "global"] = "local"
+    # Tiers whose architectures teach (None = every tier). Each architecture learns from the consensus of
+    # the teaching architectures other than itself (from itself only when the fleet has one architecture);
+    # one with no other teacher trains without the distillation term.
+    teachers: Optional[tuple[str, ...]] = None
+    warmup: NonNegativeInt = 0  # rounds (async: server steps) each architecture trains alone before distilling
 
 
 class Alignment(Frozen):
@@ -519,6 +530,11 @@ def _alignment_fits(scenario: "Scenario") -> None:
         if scenario.privacy is not None and scenario.privacy.mode == "central":
             raise ValueError(f"central DP cannot be combined with {what}: its noise is calibrated to one shared "
                              f"model (use privacy.mode local)")
+    names = [t.name for t in scenario.fleet.tiers]
+    unknown = [n for n in (scenario.distillation.teachers or ()) if n not in names] if scenario.distillation else []
+    if unknown:
+        raise ValueError(f"distillation.teachers: {', '.join(map(repr, unknown))} is not a tier; the tiers are "
+                         f"{', '.join(names)}")
     needs_proxy = scenario.distillation is not None or scenario.alignment.mmd_weight > 0
     data = scenario.fleet.data
     if needs_proxy and data.kind == "parquet" and scenario.proxy.path is None:

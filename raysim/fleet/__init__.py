@@ -203,23 +203,28 @@ def prepare_fleet(scenario: "Scenario", cache_dir: Path) -> FleetData:
 
 
 def load_proxy(scenario: "Scenario", fleet: FleetData) -> np.ndarray:
-    """The public unlabeled proxy set, float32 (P, C, T), preprocessed as one sensor's data would be.
+    """The public unlabeled proxy set, float32 (P, C, T), each proxy sensor's windows preprocessed as that
+    sensor's pipeline would (per-sensor z-score included), so the proxy set looks like the fleet's data.
 
     Synthetic fleets draw it from the generator; Parquet fleets read the
     first ``proxy.samples`` windows of ``proxy.path`` (labels ignored).
     """
     proxy = scenario.proxy
     if scenario.fleet.data.kind == "synthetic":
-        x = synthetic.proxy_set(scenario.fleet.data, scenario.seed, proxy.samples)
+        x, sensor = synthetic.proxy_set(scenario.fleet.data, scenario.seed, proxy.samples)
     else:
         info = inspect(scenario.resolve_path(proxy.path))
         if (info.channels, info.window) != (fleet.channels, fleet.window):
             raise DataError(f"data file {info.path} (proxy.path): column 'x' must have the fleet's shape "
                             f"(channels, window) = ({fleet.channels}, {fleet.window}), it has "
                             f"({info.channels}, {info.window})")
-        x = read_all(info.path)[0]
+        x, _, sensor = read_all(info.path)
         if len(x) < proxy.samples:
             raise DataError(f"data file {info.path} (proxy.path) holds {len(x)} samples, fewer than proxy.samples "
                             f"= {proxy.samples}; lower proxy.samples or use a larger file")
-        x = x[: proxy.samples]
-    return preprocess.apply(x, scenario.fleet.data.preprocess)
+        x, sensor = x[: proxy.samples], sensor[: proxy.samples]
+    out = np.empty_like(x, dtype=np.float32)
+    for sid in np.unique(sensor):
+        rows = sensor == sid
+        out[rows] = preprocess.apply(x[rows], scenario.fleet.data.preprocess)
+    return out

@@ -312,8 +312,9 @@ def test_set(cfg: "SyntheticData", seed: int) -> tuple[np.ndarray, np.ndarray, n
     return x, y, sensor
 
 
-def proxy_set(cfg: "SyntheticData", seed: int, samples: int) -> np.ndarray:
-    """A public unlabeled proxy set: ``samples`` windows (C, T) from unseen proxy sensors of the same domain.
+def proxy_set(cfg: "SyntheticData", seed: int, samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """A public unlabeled proxy set: ``samples`` windows (C, T) from unseen proxy sensors of the same domain,
+    and the proxy sensor each comes from (0, 1, ...).
 
     Drawn like the held-out set (class-balanced, 50 samples per proxy sensor,
     each proxy sensor with its own calibration) but from its own stream, so
@@ -327,7 +328,8 @@ def proxy_set(cfg: "SyntheticData", seed: int, samples: int) -> np.ndarray:
         rng = _rng(seed, _PROXY_STREAM, j, _PART_SAMPLES)
         cal = _calibration(cfg.feature_skew, cfg.channels, rng)
         parts.append(_render(cfg, tpl, waves, labels[start : start + _PROXY_PER_SENSOR], cal, rng))
-    return np.concatenate(parts).astype(np.float32)
+    sensor = np.concatenate([np.full(len(p), j, dtype=np.int64) for j, p in enumerate(parts)])
+    return np.concatenate(parts).astype(np.float32), sensor
 
 
 # pytest would otherwise try to collect these as tests when imported into a test module.
