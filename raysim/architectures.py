@@ -215,24 +215,28 @@ def holdout_counts(num_samples: np.ndarray, holdout: float) -> np.ndarray:
     return np.clip(np.floor(holdout * n).astype(np.int64), 0, np.maximum(n - 1, 0))
 
 
-def work_factor(scenario: "Scenario", num_samples: np.ndarray) -> np.ndarray:
+def work_factor(scenario: "Scenario", num_samples: np.ndarray, uploads_logits: np.ndarray | None = None) -> np.ndarray:
     """Each sensor's local compute relative to plain training on its own samples, for the virtual clock.
 
     Distillation and MMD add a proxy batch of P_b samples to every local step
     (steps = epochs·⌈n/B⌉), MMD a second forward pass of it through the global
-    model, and MOON two extra forward passes of every private batch. A
-    forward pass counts a third of a training pass.
+    model, and MOON two extra forward passes of every private batch; a sensor
+    that uploads its logits (``uploads_logits``) runs the P proxy samples
+    through its model once more. A forward pass counts a third of a training pass.
     """
     n = np.maximum(np.asarray(num_samples, dtype=np.float64), 1.0)
+    epochs = scenario.training.local_epochs
     batch = n if scenario.training.batch_size == "full" else float(scenario.training.batch_size)
     steps_per_epoch = np.ceil(n / batch)
     factor = np.ones(len(n))
     alignment = scenario.alignment
     if scenario.distillation is not None or alignment.mmd_weight:
         proxy = steps_per_epoch * scenario.proxy.batch * (1.0 + (alignment.mmd_weight > 0) / 3.0)
-        factor += proxy / n
+        factor += proxy / n  # per epoch, like the n private samples
     if alignment.moon_weight:
         factor += 2.0 / 3.0
+    if uploads_logits is not None:
+        factor += np.asarray(uploads_logits, dtype=bool) * scenario.proxy.samples / 3.0 / (n * epochs)
     return factor
 
 

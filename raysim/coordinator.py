@@ -89,7 +89,8 @@ class Coordinator:
         self.group_of = self.arch.group_of(self.profiles.tier)
         self.lr_scale = np.array([(t.lr or scenario.training.lr) / scenario.training.lr
                                   for t in scenario.fleet.tiers])[self.profiles.tier]
-        factor = work_factor(scenario, self.profiles.num_samples)
+        uploads = np.array(logits_bytes(scenario, self.arch)[0], dtype=bool)[self.group_of]
+        factor = work_factor(scenario, self.profiles.num_samples, uploads)
         self.profiles = replace(self.profiles, seconds_per_sample=self.profiles.seconds_per_sample * factor)
         compression = scenario.compression
         self.codec = first.codec

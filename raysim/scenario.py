@@ -706,18 +706,47 @@ def _parse_overrides(overrides: list[str] | dict[str, Any], source: str) -> list
 
 
 def _apply_override(raw: dict[str, Any], dotted: str, value: Any, source: str) -> None:
-    keys = dotted.split(".")
+    """Set ``dotted`` (``a.b.c``; a list item as ``a.items[2].c``) in ``raw`` to ``value``."""
+    steps: list[str | int] = []
+    for key in dotted.split("."):
+        name, bracket, rest = key.partition("[")
+        steps.append(name)
+        while bracket:
+            index, _, rest = rest.partition("]")
+            if not index.strip().isdigit():
+                raise ScenarioError(f"{source}: --set {dotted}: {key!r} must index a list with a whole number, "
+                                    f"e.g. fleet.tiers[0].lr=0.3.")
+            steps.append(int(index))
+            _, bracket, rest = rest.partition("[")
     node: Any = raw
-    for depth, key in enumerate(keys[:-1]):
-        child = node.get(key) if isinstance(node, dict) else None
-        if child is None:
-            child = {}
-            node[key] = child
-        elif not isinstance(child, dict):
-            where = ".".join(keys[: depth + 1])
-            raise ScenarioError(f"{source}: --set {dotted}: {where} is not a section, so it has no key {keys[depth + 1]!r}.")
+    for depth, step in enumerate(steps[:-1]):
+        where = _step_path(steps[: depth + 1])
+        if isinstance(step, int):
+            if not isinstance(node, list) or step >= len(node):
+                size = f"has {len(node)} items" if isinstance(node, list) else "is not a list in the scenario"
+                raise ScenarioError(f"{source}: --set {dotted}: {_step_path(steps[:depth])} {size}, so it has no "
+                                    f"item [{step}].")
+            child = node[step]
+        else:
+            child = node.get(step) if isinstance(node, dict) else None
+            if child is None:
+                child = [] if isinstance(steps[depth + 1], int) else {}
+                node[step] = child
+        if not isinstance(child, (dict, list)):
+            raise ScenarioError(f"{source}: --set {dotted}: {where} is not a section, so it has no key "
+                                f"{steps[depth + 1]!r}.")
         node = child
-    node[keys[-1]] = value
+    last = steps[-1]
+    if isinstance(last, int):
+        if not isinstance(node, list) or last >= len(node):
+            raise ScenarioError(f"{source}: --set {dotted}: {_step_path(steps[:-1])} has no item [{last}].")
+    elif not isinstance(node, dict):
+        raise ScenarioError(f"{source}: --set {dotted}: {_step_path(steps[:-1])} is a list; give an item index.")
+    node[last] = value
+
+
+def _step_path(steps: list[str | int]) -> str:
+    return "".join(f"[{s}]" if isinstance(s, int) else ("." if i else "") + s for i, s in enumerate(steps))
 
 
 # --------------------------------------------------------------------------- error messages
