@@ -109,6 +109,16 @@ def run(
     return result
 
 
+def _model_figures(summary: dict[str, Any], weights: np.ndarray) -> dict[str, Any]:
+    """The summary's model and parameter count: the model's, or with several architectures each one's."""
+    groups = summary.get("architectures", [])
+    if len(groups) > 1:
+        return {"model": " + ".join(f"{g['model']['name']} ({g['name']})" for g in groups),
+                "parameters": int(sum(g["parameters"] for g in groups))}
+    return {"model": groups[0]["model"]["name"] if groups else "?", "parameters": int(groups[0]["parameters"]) if groups
+            else int(weights.size)}
+
+
 def _check_models(scenario: Scenario, fleet: Any) -> None:
     """What depends on the built models: personal-layer names, and codec settings that depend on a model's
     size (top-k's k ≤ d); and a Parquet fleet's proxy file. Checked before anything starts."""
@@ -225,8 +235,7 @@ def _drive(scenario, fleet, availability, placement, run_dir: Path, created: lis
         "attack": scenario.attack.kind if scenario.attack is not None else None,
         "cohort": scenario.aggregation.cohort if scenario.aggregation.mode == "sync"
         else scenario.aggregation.strategy.concurrency,
-        "model": scenario.model.name,
-        "parameters": int(final["weights"].size),
+        **_model_figures(final["summary"], final["weights"]),
         "client_actors": placement.client_actors,
         "nodes": len({w["node_id"] for w in where}),
         "sensors_per_actor": placement.sensors_per_actor,

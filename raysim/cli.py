@@ -192,6 +192,7 @@ def _summary_table(summary: dict[str, Any]):
         ("client actors × sensors each", f"{summary.get('client_actors', '?')} × {summary.get('sensors_per_actor', '?')}"),
         ("rounds", f"{summary.get('rounds', 0)}"),
         ("accuracy: first → final (best)", _accuracy_text(summary)),
+        *_architecture_rows(summary),
         ("final test loss", _fmt(summary.get("final_loss"), ".4f")),
         ("updates applied / dropped", f"{summary.get('updates_applied', 0):,} / {summary.get('updates_dropped', 0):,}"),
         ("  dropped: late / lost / offline / rejected",
@@ -212,6 +213,27 @@ def _summary_table(summary: dict[str, Any]):
     for name, value in rows:
         table.add_row(name, value)
     return table
+
+
+def _architecture_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """With several architectures, each one's final accuracy and bytes per task; with personalization, the
+    sensors' own models on their held-out samples."""
+    rows = []
+    groups = summary.get("architectures", [])
+    if len(groups) > 1:
+        for g in groups:
+            rows.append((f"  {g['name']} ({g['model']['name']}, {g['parameters']:,} parameters)",
+                         f"final {_fmt(g.get('final_accuracy'), '.3f')}, {_bytes(g['bytes_up_per_update'])} up / "
+                         f"{_bytes(g['bytes_down_per_task'])} down per task"))
+    personal = summary.get("personalization")
+    if personal:
+        layers = sorted({name for g in groups for name in g.get("personal_layers", [])})
+        rows.append(("personalized accuracy: mean ± std (p10)",
+                     f"{_fmt(personal.get('accuracy_mean'), '.3f')} ± {_fmt(personal.get('accuracy_std'), '.3f')} "
+                     f"({_fmt(personal.get('accuracy_p10'), '.3f')}) over {_fmt(personal.get('sensors'), ',.0f')} sensors"))
+        if layers:
+            rows.append(("personal layers (never uploaded)", ", ".join(layers)))
+    return rows
 
 
 def _memory_rows(memory: dict[str, Any] | None) -> list[tuple[str, str]]:
@@ -291,14 +313,18 @@ def _report(args: argparse.Namespace) -> int:
     console.print(_summary_table(summary))
     rounds = Table(title="per round")
     private = summary.get("privacy") is not None
-    columns = ["round", "virtual time s", "accuracy", "loss", "applied", "dropped", "bytes up", "MB up total",
-               *(["ε"] if private else []), "updates/s"]
+    groups = [g["name"] for g in summary.get("architectures", [])] if len(summary.get("architectures", [])) > 1 else []
+    personal = summary.get("personalization") is not None
+    columns = ["round", "virtual time s", "accuracy", *[f"acc. {g}" for g in groups], *(["personal"] if personal else []),
+               "loss", "applied", "dropped", "bytes up", "MB up total", *(["ε"] if private else []), "updates/s"]
     for name in columns:
         rounds.add_column(name, justify="right")
     shown = _rows_to_show(metrics, 25)
     for row in shown:
         rounds.add_row(
-            str(row["round"]), f"{row['virtual_time_s']:,.1f}", _fmt(row["accuracy"], ".4f"), _fmt(row["loss"], ".4f"),
+            str(row["round"]), f"{row['virtual_time_s']:,.1f}", _fmt(row["accuracy"], ".4f"),
+            *[_fmt(row.get(f"accuracy.{g}"), ".4f") for g in groups],
+            *([_fmt(row.get("personal_accuracy_mean"), ".4f")] if personal else []), _fmt(row["loss"], ".4f"),
             str(row["updates_applied"]), str(row["updates_dropped"]), _bytes(row["bytes_up"]),
             f"{row['cumulative_bytes_up'] / 1e6:,.2f}", *([_fmt(row.get("epsilon"), ".3g")] if private else []),
             f"{row['updates_per_s']:,.0f}",

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +12,10 @@ import yaml
 
 import raysim
 from helpers import assert_same_run, with_changes
+from helpers import round_of as _round_of, start_run as _start, stop_at_round as _stop_at_round
 from raysim.cli import main
 from raysim.privacy import Privacy, RunAccountant
 
-ROOT = Path(__file__).resolve().parents[1]
 ROUNDS = 120
 
 
@@ -39,39 +34,6 @@ def spec(**changes) -> dict:
         "checkpoint": {"every": 3},
         "logging": {"progress": False, "eval_every": 10},
     }, changes)
-
-
-def _round_of(checkpoint: Path) -> int:
-    try:
-        with np.load(checkpoint) as saved:
-            return int(saved["round"])
-    except (OSError, ValueError, KeyError):  # not there yet
-        return 0
-
-
-def _start(scenario_file: Path, run_dir: Path) -> subprocess.Popen:
-    """`raysim run` in its own process group (its own local Ray), so the test can stop exactly what it started."""
-    return subprocess.Popen(
-        [sys.executable, "-c", "import sys; from raysim.cli import main; sys.exit(main())", "run", str(scenario_file),
-         "--out", str(run_dir)],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _stop_at_round(process: subprocess.Popen, run_dir: Path, at_least: int, sig: int) -> tuple[int, str]:
-    checkpoint = run_dir / "checkpoints" / "latest.npz"
-    deadline = time.monotonic() + 180
-    while _round_of(checkpoint) < at_least and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert process.poll() is None, "the run ended before it could be stopped: " + process.stderr.read()[-2000:]
-    if sig == signal.SIGKILL:
-        os.killpg(process.pid, signal.SIGKILL)
-    else:
-        process.send_signal(sig)
-    _, err = process.communicate(timeout=120)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)  # whatever is left of its process group (its Ray)
-    return process.returncode, err
 
 
 @pytest.fixture(scope="module")
