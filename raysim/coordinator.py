@@ -419,13 +419,13 @@ class Coordinator:
                 if len(rows):
                     reasons[rows] = self._aggregate_group(g, rows, positions, trained, step_key, base_versions,
                                                           staleness, base_weights)
-            if self.step_index + 1 < self.scenario.distillation.warmup if self.arch.logits_size else True:
-                pass  # no consensus yet: each architecture learns alone until the warm-up is over
-            elif "logits" in trained:
-                accepted = reasons == ACCEPTED
-                self._update_consensus(trained["logits"][accepted], groups[accepted])
-            elif self.proxy_x is not None:
-                self._update_consensus(self._global_logits(), np.arange(len(self.groups)))
+            # The consensus the next step distills toward (none during the warm-up: each architecture alone).
+            if self.arch.logits_size and self.step_index + 1 >= self.scenario.distillation.warmup:
+                if "logits" in trained:  # teacher local: the accepted sensors' own logits
+                    accepted = reasons == ACCEPTED
+                    self._update_consensus(trained["logits"][accepted], groups[accepted])
+                else:  # teacher global: the architectures' new global models
+                    self._update_consensus(self._global_logits(), np.arange(len(self.groups)))
         return reasons.astype(str)
 
     def _aggregate_group(self, g: "_GroupState", rows: np.ndarray | None, positions: np.ndarray,

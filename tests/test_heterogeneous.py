@@ -294,6 +294,35 @@ def test_an_architecture_without_teachers_trains_as_if_alone(ray_session, tmp_pa
 
 
 @pytest.mark.ray
+def test_no_consensus_during_the_warm_up(ray_session, tmp_path):
+    alone = raysim.run(spec(), out_dir=tmp_path / "alone")
+    warming = raysim.run(spec(distillation={"warmup": 10}), out_dir=tmp_path / "warming")  # longer than the run
+    arch = build_architectures(load_scenario(warming.run_dir / "scenario.yaml"), 3, 16, 6)
+    np.testing.assert_array_equal(warming.global_weights[: arch.model_size], alone.global_weights)
+    assert warming.global_weights[arch.flag(0)] == warming.global_weights[arch.flag(1)] == 0.0
+    started = raysim.run(spec(distillation={"warmup": 2}), out_dir=tmp_path / "started")
+    assert started.global_weights[arch.flag(0)] == started.global_weights[arch.flag(1)] == 1.0
+    assert not np.array_equal(started.global_weights[: arch.model_size], alone.global_weights)
+
+
+def test_the_proxy_set_is_new_data_preprocessed_per_proxy_sensor():
+    from raysim.fleet import load_proxy, synthetic
+
+    scenario = load_scenario(spec(**{"fleet.data.preprocess": {"zscore": True}, "proxy.samples": 120}))
+    data = scenario.fleet.data
+    x, sensor = synthetic.proxy_set(data, scenario.seed, 120)
+    assert x.shape == (120, 3, 16) and np.bincount(sensor).tolist() == [50, 50, 20]
+    again, _ = synthetic.proxy_set(data, scenario.seed, 120)
+    np.testing.assert_array_equal(x, again)
+    test_x, _, _ = synthetic.test_set(data, scenario.seed)
+    assert not np.isin(x[:, 0, 0], test_x[:, 0, 0]).any()  # not the held-out windows
+    fleet = type("Fleet", (), {"channels": 3, "window": 16})()
+    proxy = load_proxy(scenario, fleet)
+    for s in range(3):  # each proxy sensor z-scored on its own windows, per channel
+        np.testing.assert_allclose(proxy[sensor == s].mean(axis=(0, 2)), 0.0, atol=1e-5)
+
+
+@pytest.mark.ray
 @pytest.mark.parametrize("teacher", ["local", "global"])
 def test_distillation_runs_asynchronously(ray_session, tmp_path, teacher):
     run = raysim.run(spec(**{"aggregation": {"mode": "async", "strategy": {"name": "fedbuff", "buffer_size": 4,
