@@ -414,11 +414,16 @@ class Coordinator:
             self.weights = self.weights.copy()
             reasons = np.empty(len(positions), dtype=object)
             groups = self.group_of[positions]
+            asynchronous = self.scenario.aggregation.mode == "async"
             for g in self.groups:
                 rows = np.flatnonzero(groups == g.group.index)
                 if len(rows):
+                    # Async: FedBuff's step is a 1/K sum over the whole buffer, so an architecture moves by its
+                    # own updates' mean times its share of the buffer (a slow architecture's few, stale updates
+                    # do not make a full step every server step). Sync: each architecture's own FedAvg.
+                    share = len(rows) / len(positions) if asynchronous else 1.0
                     reasons[rows] = self._aggregate_group(g, rows, positions, trained, step_key, base_versions,
-                                                          staleness, base_weights)
+                                                          staleness, base_weights, share)
             # The consensus the next step distills toward (none during the warm-up: each architecture alone).
             if self.arch.logits_size and self.step_index + 1 >= self.scenario.distillation.warmup:
                 if "logits" in trained:  # teacher local: the accepted sensors' own logits
@@ -430,9 +435,10 @@ class Coordinator:
 
     def _aggregate_group(self, g: "_GroupState", rows: np.ndarray | None, positions: np.ndarray,
                          trained: dict[str, np.ndarray], step_key: int, base_versions: np.ndarray,
-                         staleness: np.ndarray, base_weights: np.ndarray | None) -> np.ndarray:
+                         staleness: np.ndarray, base_weights: np.ndarray | None, share: float = 1.0) -> np.ndarray:
         """:meth:`aggregate` for one architecture: its ``rows`` of the step (None = all) and its shared
-        columns of the global vector (all of it when the run has one architecture and no personal layers)."""
+        columns of the global vector (all of it when the run has one architecture and no personal layers);
+        its pseudo-gradient is scaled by ``share``."""
         scenario = self.scenario
         single = rows is None
         take = (lambda a: a) if single else (lambda a: a[rows])
@@ -464,6 +470,8 @@ class Coordinator:
         combine = g.combine if self.central_dp is None else self._private_combine(step_key)
         current = self.weights if single else self.weights[cols]
         step = g.strategy.pseudo_gradient(current, batch, combine)
+        if share != 1.0:
+            step = step * share
         if single:
             self.weights = g.optimizer.apply(current, step)
         else:
