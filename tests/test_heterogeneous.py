@@ -343,6 +343,31 @@ def test_distillation_runs_asynchronously(ray_session, tmp_path, teacher):
 
 
 @pytest.mark.ray
+def test_an_async_step_moves_each_architecture_by_its_share_of_the_buffer(ray_session, tmp_path):
+    # One FedBuff step of 6 updates from both architectures: each model moves by the mean of its own
+    # sensors' updates times its share of the buffer (FedBuff's 1/K sum), recomputed here from the sensors.
+    run = raysim.run(spec(**{"aggregation": {"mode": "async", "strategy": {
+        "name": "fedbuff", "buffer_size": 6, "concurrency": 12, "staleness": {"function": "constant"}}},
+        "training.rounds": 1}), out_dir=tmp_path / "one")
+    scenario = load_scenario(run.run_dir / "scenario.yaml")
+    fleet = prepare_fleet(scenario, raysim.api.default_cache_dir())
+    arch = build_architectures(scenario, fleet.channels, fleet.window, fleet.classes)
+    initial = arch.init_weights(scenario.seed, fleet.channels, fleet.window, fleet.classes)
+    events = pq.read_table(run.run_dir / "events.parquet").to_pandas()
+    applied = events[events.outcome == "applied"]
+    assert len(applied) == 6 and (applied.base_version == 0).all()
+    ids = applied.sensor.to_numpy()
+    actor = ClientActor(scenario, fleet, np.sort(ids))
+    out = actor.train(np.ones(6, np.int64), ids, np.zeros(6, np.int64), np.full(6, 0.1), initial)
+    groups = arch.group_of(fleet.profiles.tier[fleet.profiles.positions(ids)])
+    assert len(set(groups.tolist())) == 2  # both architectures in the buffer
+    for group in arch.groups:
+        mine = groups == group.index
+        expected = initial[group.span] + mine.mean() * out["updates"][mine][:, group.span].mean(axis=0)
+        np.testing.assert_allclose(run.global_weights[group.span], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.ray
 def test_a_heterogeneous_run_killed_mid_way_resumes_to_the_uninterrupted_result(ray_session, tmp_path):
     # Personal layers, MOON's previous models, the consensus and error-feedback residuals: every kind of
     # per-sensor state, and per-architecture server state (Adam), must come back.
