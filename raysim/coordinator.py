@@ -38,6 +38,7 @@ from raysim.metrics import RunRecorder, peak_rss_mb, process_memory, reset_peak_
 from raysim.architectures import Group, build_architectures, describe, logits_bytes, work_factor
 from raysim.privacy import CentralDP, RunAccountant
 from raysim.scenario import Scenario
+from raysim.selection import Selector, expected_durations
 from raysim.streams import ATTACK, COHORT, DISPATCH, PRIVACY, stream
 from raysim.attacks import attack_updates, choose_attackers
 from raysim.strategies import STRATEGIES, FedAvg, ServerContext, UpdateBatch
@@ -121,6 +122,8 @@ class Coordinator:
         self.accountant = RunAccountant(privacy, len(self.profiles)) if privacy is not None else None
         self.stopped_for_budget: int | None = None  # the step the privacy budget did not allow
         self.clock_inputs = dict(seed=scenario.seed, epochs=scenario.training.local_epochs, availability=availability)
+        self.selector = Selector(scenario, self.profiles, availability, expected_durations(
+            self.profiles, self.bytes_down_of, self.bytes_up_of, scenario.training.local_epochs))
         self.malicious = (choose_attackers(scenario.seed, self.profiles.sensor_id, scenario.attack.fraction)
                           if scenario.attack is not None else np.zeros(len(self.profiles), dtype=bool))
         self.fingerprints: dict[int, int] = {}  # model version → fingerprint of its weights
@@ -130,6 +133,8 @@ class Coordinator:
         self.test_x, self.test_y = _load_test_set(fleet, scenario)
         extra = () if len(self.groups) == 1 else tuple(f"{kind}.{g.group.name}" for g in self.groups
                                                          for kind in ("accuracy", "loss"))
+        if len(scenario.fleet.tiers) > 1:
+            extra += tuple(f"selected.{t.name}" for t in scenario.fleet.tiers)
         self.recorder = RunRecorder(Path(run_dir), scenario.logging.tensorboard, extra)
         self.run_dir = Path(run_dir)
         self.step_index = 0  # rounds (sync) or server steps (async) done
@@ -211,7 +216,7 @@ class Coordinator:
         self.virtual_time_s = float(state["virtual_time_s"])
         self.wall_before = float(state["wall_time_s"])
         self.totals = {k: int(state[f"totals.{k}"]) for k in self.totals}
-        parts = [("privacy.", self.central_dp), ("accountant.", self.accountant)]
+        parts = [("privacy.", self.central_dp), ("accountant.", self.accountant), ("selection.", self.selector)]
         for g in self.groups:
             parts += [(f"{g.prefix}optimizer.", g.optimizer), (f"{g.prefix}strategy.", g.strategy)]
         for prefix, part in parts:
@@ -231,6 +236,7 @@ class Coordinator:
         for g in self.groups:  # the first architecture's without a prefix, the others' as group<i>.*
             state.update({f"{g.prefix}optimizer.{k}": v for k, v in g.optimizer.state_dict().items()})
             state.update({f"{g.prefix}strategy.{k}": v for k, v in g.strategy.state_dict().items()})
+        state.update({f"selection.{k}": v for k, v in self.selector.state_dict().items()})
         if self.central_dp is not None:
             state.update({f"privacy.{k}": v for k, v in self.central_dp.state_dict().items()})
         if self.accountant is not None:
@@ -822,8 +828,7 @@ class SyncRounds:
         online = self.all_positions[c.availability.online_at(self.all_positions, start)]
         if len(online) == 0:
             return self._idle_round(round_index, start)
-        chosen = np.sort(stream(scenario.seed, COHORT, round_index).choice(online, min(wanted, len(online)),
-                                                                           replace=False))
+        chosen = c.selector.choose(online, wanted, start, round_index, stream(scenario.seed, COHORT, round_index))
         sample_rate = len(chosen) / len(online)  # each online sensor's chance of selection; offline ones have none
         if not c.privacy_allows(chosen, sample_rate):
             return None
@@ -857,6 +862,7 @@ class SyncRounds:
             version = round_index - 1
             trained = c.train(positions, np.full(len(positions), round_index), np.full(len(positions), version),
                               {version: c.weights}, reduce=c.reduce).result()
+            c.selector.report(positions, trained["train_loss"], round_index)
             reason[accepted] = c.aggregate(positions, trained, step_key=round_index,
                                            base_versions=np.full(len(positions), version),
                                            staleness=np.zeros(len(positions), np.int64))
@@ -875,6 +881,7 @@ class SyncRounds:
             "staleness_max": 0,
             "concurrency": len(chosen),
             "epsilon": c.charge_privacy(chosen, sample_rate, round_index),
+            **c.selector.figures(chosen),
         }
         return c.record(row, events)
 
@@ -892,7 +899,7 @@ class SyncRounds:
         row = {"round": round_index, "round_duration_s": back - start, "status": "idle",
                **_task_figures(empty, plan, np.zeros(0, bool)),
                "staleness_mean": 0.0, "staleness_max": 0, "concurrency": 0,
-               "epsilon": c.charge_privacy(nobody, 1.0, round_index)}
+               "epsilon": c.charge_privacy(nobody, 1.0, round_index), **c.selector.figures(nobody)}
         return c.record(row, empty)
 
 
@@ -1000,7 +1007,11 @@ class AsyncSteps:
         c = self.c
         online = self.all_positions[c.availability.online_at(self.all_positions, 0.0)]
         count = min(self.concurrency, len(online))
-        chosen = np.sort(stream(c.scenario.seed, COHORT, 1).choice(online, count, replace=False))
+        rng = stream(c.scenario.seed, COHORT, 1)
+        if c.scenario.aggregation.selection.policy == "availability":  # predicted to stay online first
+            chosen = np.sort(c.selector.available(online, count, 0.0, rng))
+        else:
+            chosen = np.sort(rng.choice(online, count, replace=False))
         self._dispatch(chosen, 0.0)
 
     def _dispatch(self, positions: np.ndarray | list[int], now: float) -> None:
@@ -1009,6 +1020,7 @@ class AsyncSteps:
             key = int(self.task_count[position]) + 1
             self.task_count[position] = key
             task = _Task(self.next_task, position, key, self.sim_version, self.c.plan_one(position, key, now))
+            self.c.selector.selected[position] += 1
             self.tasks[task.number] = task
             self.busy[position] = True
             self.in_flight += 1
@@ -1029,8 +1041,10 @@ class AsyncSteps:
         if free <= 0:
             return
         picked: list[int] = []
+        fits = self.c.selector.fits  # availability-aware selection: only sensors predicted to stay online
         for candidate in self.dispatch_rng.integers(len(self.busy), size=8 * free).tolist():
-            if not self.busy[candidate] and candidate not in picked and self.c.availability.is_online(candidate, now):
+            if (not self.busy[candidate] and candidate not in picked and self.c.availability.is_online(candidate, now)
+                    and fits(candidate, now)):
                 picked.append(candidate)
                 if len(picked) == free:
                     break
@@ -1038,6 +1052,9 @@ class AsyncSteps:
             rest = self.dispatch_rng.permutation(len(self.busy))
             rest = rest[~self.busy[rest] & ~np.isin(rest, picked)]
             more = rest[self.c.availability.online_at(rest, now)] if len(rest) else rest
+            if self.c.scenario.aggregation.selection.policy == "availability" and len(more):
+                likely = self.c.selector.stays_online(more, now)  # predicted ones first, then the others
+                more = np.concatenate([more[likely], more[~likely]])
             picked.extend(more[: free - len(picked)].tolist())
         self._dispatch(picked, now)
 
@@ -1200,6 +1217,7 @@ class AsyncSteps:
             "staleness_max": int(applied_staleness.max()) if len(applied_staleness) else 0,
             "concurrency": step.in_flight,
             "epsilon": c.charge_privacy(positions, 1.0, step.version),
+            **c.selector.figures(positions),
         }
         self.last_step_time = step.time_s
         return c.record(row, events, applied_staleness)

@@ -58,6 +58,7 @@ METRICS_SCHEMA = pa.schema(
         ("actor_busy_mean_s", pa.float64()),  # wall seconds each client actor spent training, mean over actors
         ("actor_busy_max_s", pa.float64()),  # and the busiest actor's
         # With personalization: every sensor that has trained, with its own model on its own held-out samples.
+        ("participation_fairness", pa.float64()),  # Jain's index over every sensor's selection count so far
         ("personal_accuracy_mean", pa.float64()),
         ("personal_accuracy_std", pa.float64()),
         ("personal_accuracy_p10", pa.float64()),  # the 10th percentile: how the worst-served sensors do
@@ -65,7 +66,8 @@ METRICS_SCHEMA = pa.schema(
     ]
 )
 # A run with several model architectures adds accuracy.<architecture> and loss.<architecture> columns
-# (float64), one pair per architecture, named after its tiers (architectures.Group.name).
+# (float64), one pair per architecture, named after its tiers (architectures.Group.name); a fleet of
+# several tiers adds selected.<tier>: the sensors of each tier selected in the round (async: that ended in it).
 
 EVENTS_SCHEMA = pa.schema(
     [
@@ -162,6 +164,7 @@ TB_BY_ROUND = {
     "downlink_compression": "communication/downlink_compression",
     "epsilon": "privacy/epsilon",
     "dp_clip_norm": "privacy/clip_norm",
+    "participation_fairness": "selection/participation_fairness",
     "personal_accuracy_mean": "personal/accuracy_mean",
     "personal_accuracy_std": "personal/accuracy_std",
     "personal_accuracy_p10": "personal/accuracy_p10",

@@ -278,6 +278,18 @@ class Stragglers(Frozen):
         return self
 
 
+class Selection(Frozen):
+    """Which online sensors a synchronous round selects (see raysim/selection.py)."""
+
+    policy: Literal["uniform", "stratified", "availability", "oort"] = "uniform"
+    shares: Optional[dict[str, Annotated[float, Field(ge=0)]]] = None  # stratified: tier → cohort share
+    predictor: Literal["model", "oracle"] = "model"  # availability: the tiers' models, or the simulated future
+    min_probability: Annotated[float, Field(gt=0, le=1)] = 0.9  # availability, model: P(stays online) to qualify
+    exploration: Annotated[float, Field(ge=0, le=1)] = 0.2  # oort: share of the cohort for sensors never tried
+    preferred_duration_s: Optional[PositiveFloat] = None  # oort: T; None = the fleet's median expected task time
+    slow_penalty: NonNegativeFloat = 2.0  # oort: α of the (T / t_i)^α penalty
+
+
 class Aggregation(Frozen):
     """How updates become the next global model: validate → clip → aggregate → server optimizer."""
 
@@ -285,6 +297,7 @@ class Aggregation(Frozen):
     strategy: STRATEGIES.config_union() = Field(default_factory=lambda: STRATEGIES.entry("fedavg").config())  # type: ignore[valid-type]
     cohort: PositiveInt = 100  # sync: sensors per round (async: concurrency is the strategy's)
     stragglers: Stragglers = Stragglers()
+    selection: Selection = Selection()
     validation: Validation = Validation()
     clip_norm: Optional[PositiveFloat] = None  # norm bounding: each update scaled to L2 norm ≤ clip_norm
     aggregator: AGGREGATORS.config_union() = Field(default_factory=lambda: AGGREGATORS.entry("mean").config())  # type: ignore[valid-type]
@@ -516,7 +529,8 @@ def _privacy_fits(privacy: Privacy, aggregation: Aggregation) -> None:
 
 
 def _alignment_fits(scenario: "Scenario") -> None:
-    """Architectures, personal layers, distillation and alignment terms the rest of the scenario allows."""
+    """Architectures, personal layers, distillation, alignment terms and client selection settings the rest
+    of the scenario allows."""
     models = {json.dumps((t.model or scenario.model).model_dump(mode="json"), sort_keys=True)
               for t in scenario.fleet.tiers}
     several = len(models) > 1
@@ -531,6 +545,16 @@ def _alignment_fits(scenario: "Scenario") -> None:
             raise ValueError(f"central DP cannot be combined with {what}: its noise is calibrated to one shared "
                              f"model (use privacy.mode local)")
     names = [t.name for t in scenario.fleet.tiers]
+    selection = scenario.aggregation.selection
+    strange = [n for n in (selection.shares or {}) if n not in names]
+    if strange:
+        raise ValueError(f"aggregation.selection.shares: {', '.join(map(repr, strange))} is not a tier; the tiers "
+                         f"are {', '.join(names)}")
+    if selection.shares is not None and not sum(selection.shares.values()) > 0:
+        raise ValueError("aggregation.selection.shares: at least one tier needs a positive share")
+    if selection.policy in ("stratified", "oort") and scenario.aggregation.mode == "async":
+        raise ValueError(f"aggregation.selection.policy {selection.policy} chooses a synchronous round's cohort; "
+                         f"async runs take uniform or availability")
     unknown = [n for n in (scenario.distillation.teachers or ()) if n not in names] if scenario.distillation else []
     if unknown:
         raise ValueError(f"distillation.teachers: {', '.join(map(repr, unknown))} is not a tier; the tiers are "
