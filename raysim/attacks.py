@@ -10,9 +10,13 @@ sensor sends in place of its honest update Δ_i:
     nan         a vector of NaN or +inf         (corrupt payload; tests the validate/filter stage)
     label_flip  its honest update, trained on labels y → C − 1 − y
                                                 (data poisoning; Tolpegin et al., ESORICS 2020)
+    duplicate   its honest update, trained on copies of a few of its own samples: its first
+                max(1, round(keep·n)) windows repeated to its n (low-quality data that still
+                claims n samples)
 
 Attacks act on the updates a round (or async step) delivers, before the
-aggregator sees them; label flipping instead acts on the sensor's own data.
+aggregator sees them; label flipping and duplication instead act on the
+sensor's own data.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ class Attack(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    kind: Literal["sign_flip", "gaussian", "scale", "alie", "label_flip", "nan"]
+    kind: Literal["sign_flip", "gaussian", "scale", "alie", "label_flip", "duplicate", "nan"]
     # Share of the fleet that is malicious, rounded to the nearest whole sensor (halves up).
     fraction: float = Field(ge=0, lt=1)
     # sign_flip sends −scale·Δ; scale sends scale·Δ. Model replacement (Bagdasaryan et al.,
@@ -44,6 +48,7 @@ class Attack(BaseModel):
     std: float = Field(1.0, gt=0, allow_inf_nan=False)  # gaussian: σ of the noise sent
     tau: float = Field(1.0, allow_inf_nan=False)  # alie: z, standard deviations away from the mean
     value: Literal["nan", "inf"] = "nan"  # nan: what every coordinate is set to
+    keep: float = Field(0.1, gt=0, le=1)  # duplicate: share of its samples that are distinct
 
 
 def attacker_count(num_sensors: int, fraction: float) -> int:
@@ -97,7 +102,7 @@ def attack_updates(
         raise ValueError(f"updates must be floating point, got {updates.dtype}")
     out = updates.copy()
     count = int(malicious.sum())
-    if count == 0 or attack.kind == "label_flip":
+    if count == 0 or attack.kind in ("label_flip", "duplicate"):
         return out
     if attack.kind == "sign_flip":
         out[malicious] = -attack.scale * updates[malicious].astype(np.float64)

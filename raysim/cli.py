@@ -330,7 +330,24 @@ def _report(args: argparse.Namespace) -> int:
             f"{row['updates_per_s']:,.0f}",
         )
     console.print(rounds)
+    contribution = summary.get("contribution")
+    if contribution:
+        console.print(_contributors_table(contribution))
     return 0
+
+
+def _contributors_table(contribution: dict[str, Any]):
+    """The sensors with the highest and lowest mean contribution scores (contributions.parquet has them all)."""
+    from rich.table import Table
+
+    table = Table(title=f"contributors ({contribution['method']}{', trust-weighted' if contribution.get('trust') else ''}"
+                        f", {contribution['scored_updates']:,} updates scored)")
+    for name in ("", "sensor", "mean score", "rounds scored"):
+        table.add_column(name, justify="right")
+    for label in ("top", "bottom"):
+        for entry in contribution[label]:
+            table.add_row(label, str(entry["sensor"]), f"{entry['mean_score']:.4g}", str(entry["rounds"]))
+    return table
 
 
 def _rows_to_show(metrics: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:

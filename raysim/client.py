@@ -61,9 +61,11 @@ class ClientActor:
         # The shard's samples, columnar (one array for all hosted sensors), preprocessed in place per sensor.
         self.shard = store.read_shard(fleet.train_path, np.asarray(sensor_ids))
         flipped: set[int] = set()
-        if scenario.attack is not None and scenario.attack.kind == "label_flip":
+        duplicated: set[int] = set()
+        if scenario.attack is not None and scenario.attack.kind in ("label_flip", "duplicate"):
             ids = fleet.profiles.sensor_id
-            flipped = set(ids[choose_attackers(scenario.seed, ids, scenario.attack.fraction)].tolist())
+            chosen = set(ids[choose_attackers(scenario.seed, ids, scenario.attack.fraction)].tolist())
+            flipped, duplicated = (chosen, set()) if scenario.attack.kind == "label_flip" else (set(), chosen)
         personalization = scenario.personalization
         held = (holdout_counts(self.shard.counts, personalization.holdout) if personalization is not None
                 else np.zeros(len(self.shard.ids), dtype=np.int64))
@@ -77,6 +79,11 @@ class ClientActor:
                 raw[...] = processed
             if sid in flipped:
                 self.shard.y[rows] = flip_labels(self.shard.y[rows], fleet.classes)
+            if sid in duplicated:  # a few distinct windows, repeated to fill its n samples
+                distinct = max(1, int(round(scenario.attack.keep * count)))
+                copies = np.arange(count) % distinct
+                self.shard.x[rows] = self.shard.x[rows][copies]
+                self.shard.y[rows] = self.shard.y[rows][copies]
             if keep < count:  # a seeded choice of the held-out samples, moved to the end of the sensor's rows
                 order = stream(scenario.seed, HOLDOUT, sid).permutation(count)
                 self.shard.x[rows] = self.shard.x[rows][order]

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 import torch
 from torch.func import functional_call
@@ -33,13 +35,14 @@ from raysim.availability import Availability
 from raysim.clock import APPLIED, LATE, LOST, OFFLINE, TaskPlan, TaskTiming, plan_task, plan_tasks, stack_timings
 from raysim.compression import CODECS
 from raysim.errors import AggregationError
-from raysim.fleet import FleetData, load_proxy, preprocess, store
-from raysim.metrics import RunRecorder, peak_rss_mb, process_memory, reset_peak_rss, summarize
+from raysim.fleet import FleetData, load_proxy, load_validation, preprocess, store
+from raysim.contribution import CONTRIBUTIONS_SCHEMA, ContributionScorer, contribution_summary
+from raysim.metrics import RunRecorder, peak_rss_mb, process_memory, reset_peak_rss, summarize, write_parquet
 from raysim.architectures import Group, build_architectures, describe, logits_bytes, work_factor
 from raysim.privacy import CentralDP, RunAccountant
 from raysim.scenario import Scenario
 from raysim.selection import Selector, expected_durations
-from raysim.streams import ATTACK, COHORT, DISPATCH, PRIVACY, stream
+from raysim.streams import ATTACK, COHORT, CONTRIBUTION, DISPATCH, PRIVACY, stream
 from raysim.attacks import attack_updates, choose_attackers
 from raysim.strategies import STRATEGIES, FedAvg, ServerContext, UpdateBatch
 from raysim.strategies.robust import AGGREGATORS, norm_clip
@@ -122,6 +125,9 @@ class Coordinator:
         self.accountant = RunAccountant(privacy, len(self.profiles)) if privacy is not None else None
         self.stopped_for_budget: int | None = None  # the step the privacy budget did not allow
         self.clock_inputs = dict(seed=scenario.seed, epochs=scenario.training.local_epochs, availability=availability)
+        self.scorer = (ContributionScorer(scenario.contribution, self.model, self.layout,
+                                          *load_validation(scenario, fleet), len(self.profiles), scenario.seed)
+                       if scenario.contribution is not None else None)
         self.selector = Selector(scenario, self.profiles, availability, expected_durations(
             self.profiles, self.bytes_down_of, self.bytes_up_of, scenario.training.local_epochs))
         self.malicious = (choose_attackers(scenario.seed, self.profiles.sensor_id, scenario.attack.fraction)
@@ -178,6 +184,9 @@ class Coordinator:
         moment leaves the previous checkpoint or this one, whole.
         """
         self.recorder.write()
+        if self.scorer is not None:
+            write_parquet(pa.Table.from_pylist(self.scorer.rows, schema=CONTRIBUTIONS_SCHEMA),
+                          self.run_dir / "contributions.parquet")
         loop_state = self.loop.state() if isinstance(self.loop, AsyncSteps) else None  # collects its trainings first
         clients = ray.get([actor.client_state.remote() for actor in self.actors])
         state: dict[str, Any] = {
@@ -216,7 +225,8 @@ class Coordinator:
         self.virtual_time_s = float(state["virtual_time_s"])
         self.wall_before = float(state["wall_time_s"])
         self.totals = {k: int(state[f"totals.{k}"]) for k in self.totals}
-        parts = [("privacy.", self.central_dp), ("accountant.", self.accountant), ("selection.", self.selector)]
+        parts = [("privacy.", self.central_dp), ("accountant.", self.accountant), ("selection.", self.selector),
+                 ("contribution.", self.scorer)]
         for g in self.groups:
             parts += [(f"{g.prefix}optimizer.", g.optimizer), (f"{g.prefix}strategy.", g.strategy)]
         for prefix, part in parts:
@@ -228,6 +238,9 @@ class Coordinator:
             self.loop.load(state["loop"].tobytes())
         self.fingerprints = {int(v): int(p) for v, p in state["fingerprints"].tolist()}
         self.recorder.resume(self.step_index)
+        if self.scorer is not None and (self.run_dir / "contributions.parquet").exists():
+            rows = pq.read_table(self.run_dir / "contributions.parquet").to_pylist()
+            self.scorer.rows = [r for r in rows if r["round"] <= self.step_index]
         return self.step_index
 
     def _server_state(self) -> dict[str, np.ndarray]:
@@ -237,6 +250,8 @@ class Coordinator:
             state.update({f"{g.prefix}optimizer.{k}": v for k, v in g.optimizer.state_dict().items()})
             state.update({f"{g.prefix}strategy.{k}": v for k, v in g.strategy.state_dict().items()})
         state.update({f"selection.{k}": v for k, v in self.selector.state_dict().items()})
+        if self.scorer is not None:
+            state.update({f"contribution.{k}": v for k, v in self.scorer.state_dict().items()})
         if self.central_dp is not None:
             state.update({f"privacy.{k}": v for k, v in self.central_dp.state_dict().items()})
         if self.accountant is not None:
@@ -269,6 +284,7 @@ class Coordinator:
         scenario = self.scenario
         aggregation = scenario.aggregation
         linear = (scenario.cluster.aggregate_on_actors and aggregation.mode == "sync" and self.arch.single
+                  and scenario.contribution is None
                   and isinstance(self.strategy, FedAvg) and aggregation.aggregator.name == "mean"
                   and aggregation.clip_norm is None and self.central_dp is None and scenario.attack is None
                   and not aggregation.validation.filters)
@@ -475,6 +491,8 @@ class Coordinator:
         )
         combine = g.combine if self.central_dp is None else self._private_combine(step_key)
         current = self.weights if single else self.weights[cols]
+        if self.scorer is not None:
+            combine = self._scored(combine, current, batch, positions[valid], step_key)
         step = g.strategy.pseudo_gradient(current, batch, combine)
         if share != 1.0:
             step = step * share
@@ -483,6 +501,25 @@ class Coordinator:
         else:
             self.weights[cols] = g.optimizer.apply(current, step)
         return reasons
+
+    def _scored(self, combine: Any, current: np.ndarray, batch: UpdateBatch, positions: np.ndarray, step_key: int):
+        """Score the round's valid updates (every ``contribution.every`` rounds) and, with trust, return a
+        combine whose weights are multiplied by each sensor's trust (plain weights if every trust is 0)."""
+        scorer = self.scorer
+        if step_key % scorer.config.every == 0:
+            weighting = getattr(self.strategy, "weights", None)
+            a = weighting(batch) if weighting is not None else batch.num_samples
+            scores, method = scorer.score(current, batch.deltas, a, stream(self.scenario.seed, CONTRIBUTION, step_key))
+            scorer.record(step_key, positions, self.profiles.sensor_id[positions], scores, method)
+        if not scorer.config.trust:
+            return combine
+        trust = scorer.trust[positions]
+
+        def trusted(updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
+            scaled = weights * trust
+            return combine(updates, scaled if scaled.sum() > 0 else weights)
+
+        return trusted
 
     @torch.no_grad()
     def _global_logits(self) -> np.ndarray:
@@ -669,6 +706,8 @@ class Coordinator:
         summary["architectures"] = [{**d, "final_accuracy": final.get(f"accuracy.{d['name']}", final.get("accuracy")),
                                      "bytes_up_per_update": int(g_up), "bytes_down_per_task": int(g_down)}
                                     for d, g_up, g_down in zip(describe(self.arch.groups), *self._group_bytes())]
+        if self.scorer is not None:
+            summary["contribution"] = contribution_summary(self.scorer.rows, self.scenario.contribution)
         if self.scenario.personalization is not None:
             summary["personalization"] = {k: final.get(f"personal_{k}") for k in
                                           ("accuracy_mean", "accuracy_std", "accuracy_p10", "sensors")}

@@ -483,6 +483,21 @@ class Alignment(Frozen):
     moon_temperature: PositiveFloat = 0.5
 
 
+class Contribution(Frozen):
+    """Per-sensor contribution scores each synchronous round, and optional trust-weighted aggregation
+    (see raysim/contribution.py)."""
+
+    method: Literal["loo", "shapley", "loss", "cosine"] = "loo"
+    max_exact: PositiveInt = 50  # loo / shapley only for rounds with at most this many valid updates
+    fallback: Literal["cosine", "loss"] = "cosine"  # for larger rounds
+    permutations: PositiveInt = 20  # shapley: random orders per round
+    validation_samples: Annotated[int, Field(ge=1, le=100_000)] = 500  # held-out labelled windows (not the test set)
+    validation_path: Optional[str] = None  # Parquet fleets: the validation file (raysim's schema)
+    every: PositiveInt = 1  # score every this many rounds
+    trust: bool = False  # weight aggregation by each sensor's trust (an average of [score > 0])
+    trust_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
+
+
 class Checkpoint(Frozen):
     """How often a synchronous run saves what ``raysim run --resume RUN_DIR`` needs to continue it."""
 
@@ -555,6 +570,16 @@ def _alignment_fits(scenario: "Scenario") -> None:
     if selection.policy in ("stratified", "oort") and scenario.aggregation.mode == "async":
         raise ValueError(f"aggregation.selection.policy {selection.policy} chooses a synchronous round's cohort; "
                          f"async runs take uniform or availability")
+    contribution = scenario.contribution
+    if contribution is not None:
+        if scenario.aggregation.mode != "sync" or several or personal:
+            raise ValueError("contribution scores a synchronous round's updates of one shared model: it needs "
+                             "aggregation.mode sync, one model architecture and no personal layers")
+        if scenario.privacy is not None and scenario.privacy.mode == "central":
+            raise ValueError("contribution cannot be combined with central DP: scores would look at each update")
+        if scenario.fleet.data.kind == "parquet" and contribution.validation_path is None:
+            raise ValueError("contribution.validation_path: a Parquet fleet needs a labelled validation file "
+                             "(raysim's schema), kept apart from the test set")
     unknown = [n for n in (scenario.distillation.teachers or ()) if n not in names] if scenario.distillation else []
     if unknown:
         raise ValueError(f"distillation.teachers: {', '.join(map(repr, unknown))} is not a tier; the tiers are "
@@ -588,6 +613,7 @@ class Scenario(Frozen):
     distillation: Optional[Distillation] = None  # None = architectures learn apart
     alignment: Alignment = Alignment()
     proxy: Proxy = Proxy()
+    contribution: Optional[Contribution] = None  # None = no contribution scores
 
     # Directory relative data paths are resolved against (the scenario file's folder).
     base_dir: str = Field(default=".", exclude=True)

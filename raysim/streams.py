@@ -21,6 +21,7 @@ ATTACK = 0xA77C  # which sensors are malicious, and the noise they send
 COMPRESS = 0xC0DE  # per sensor and task: a codec's stochastic rounding or random coordinates
 PRIVACY = 0xD1FF  # central: per round, the server's noise; local: per sensor and task, the sensor's noise
 PROXY = 0x9B0C  # per sensor and task: which proxy samples each local step adds (distillation, MMD)
+CONTRIBUTION = 0xC047  # per round: the random orders of Monte-Carlo Shapley
 HOLDOUT = 0x401D  # per sensor: which of its samples are kept aside for personalized evaluation
 
 

@@ -228,3 +228,25 @@ def load_proxy(scenario: "Scenario", fleet: FleetData) -> np.ndarray:
         rows = sensor == sid
         out[rows] = preprocess.apply(x[rows], scenario.fleet.data.preprocess)
     return out
+
+
+def load_validation(scenario: "Scenario", fleet: FleetData) -> tuple[np.ndarray, np.ndarray]:
+    """The labelled validation set contribution scores use, ``(x, y)``, preprocessed per sensor; never the
+    test set. Synthetic fleets draw ``contribution.validation_samples`` windows from their own unseen sensors;
+    Parquet fleets read the first that many of ``contribution.validation_path``."""
+    config = scenario.contribution
+    samples = config.validation_samples
+    if scenario.fleet.data.kind == "synthetic":
+        x, y, sensor = synthetic.validation_set(scenario.fleet.data, scenario.seed, samples)
+    else:
+        info = inspect(scenario.resolve_path(config.validation_path))
+        if (info.channels, info.window) != (fleet.channels, fleet.window):
+            raise DataError(f"data file {info.path} (contribution.validation_path): column 'x' must have the "
+                            f"fleet's shape (channels, window) = ({fleet.channels}, {fleet.window}), it has "
+                            f"({info.channels}, {info.window})")
+        x, y, sensor = (a[:samples] for a in read_all(info.path))
+    out = np.empty_like(x, dtype=np.float32)
+    for sid in np.unique(sensor):
+        rows = sensor == sid
+        out[rows] = preprocess.apply(x[rows], scenario.fleet.data.preprocess)
+    return out, np.asarray(y, dtype=np.int64)

@@ -49,6 +49,7 @@ _SENSOR_STREAM = 102
 _TEST_SENSOR_STREAM = 103
 _TEST_LAYOUT_STREAM = 104
 _PROXY_STREAM = 105
+_VALIDATION_STREAM = 106
 _PROXY_PER_SENSOR = 50  # proxy samples drawn per unseen proxy sensor
 
 # Parts of one sensor's stream, so each quantity can be drawn on its own.
@@ -312,6 +313,12 @@ def test_set(cfg: "SyntheticData", seed: int) -> tuple[np.ndarray, np.ndarray, n
     return x, y, sensor
 
 
+def validation_set(cfg: "SyntheticData", seed: int, samples: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A labelled validation set ``(x, y, sensor)`` drawn like the held-out set from its own unseen sensors
+    (50 samples each, class-balanced): apart from the fleet, the test set and the proxy set."""
+    return _unseen_sensors(cfg, seed, samples, _VALIDATION_STREAM)
+
+
 def proxy_set(cfg: "SyntheticData", seed: int, samples: int) -> tuple[np.ndarray, np.ndarray]:
     """A public unlabeled proxy set: ``samples`` windows (C, T) from unseen proxy sensors of the same domain,
     and the proxy sensor each comes from (0, 1, ...).
@@ -320,16 +327,23 @@ def proxy_set(cfg: "SyntheticData", seed: int, samples: int) -> tuple[np.ndarray
     each proxy sensor with its own calibration) but from its own stream, so
     it shares no sample with the fleet or the test set; the labels are dropped.
     """
+    x, _, sensor = _unseen_sensors(cfg, seed, samples, _PROXY_STREAM)
+    return x, sensor
+
+
+def _unseen_sensors(cfg: "SyntheticData", seed: int, samples: int, stream_code: int):
+    """``samples`` class-balanced windows from unseen sensors of stream ``stream_code``, 50 per sensor,
+    each sensor with its own calibration: ``(x, y, sensor index)``."""
     tpl = templates(cfg, seed)
     waves = _waves(tpl, cfg.window)
-    labels = _rng(seed, _PROXY_STREAM).permutation(np.arange(samples) % cfg.classes)
+    labels = _rng(seed, stream_code).permutation(np.arange(samples) % cfg.classes)
     parts = []
     for j, start in enumerate(range(0, samples, _PROXY_PER_SENSOR)):
-        rng = _rng(seed, _PROXY_STREAM, j, _PART_SAMPLES)
+        rng = _rng(seed, stream_code, j, _PART_SAMPLES)
         cal = _calibration(cfg.feature_skew, cfg.channels, rng)
         parts.append(_render(cfg, tpl, waves, labels[start : start + _PROXY_PER_SENSOR], cal, rng))
     sensor = np.concatenate([np.full(len(p), j, dtype=np.int64) for j, p in enumerate(parts)])
-    return np.concatenate(parts).astype(np.float32), sensor
+    return np.concatenate(parts).astype(np.float32), labels.astype(np.int64), sensor
 
 
 # pytest would otherwise try to collect these as tests when imported into a test module.
