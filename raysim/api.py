@@ -20,7 +20,7 @@ from raysim.availability import Availability
 from raysim.compression import CODECS
 from raysim.errors import RaysimError, RaysimWarning, RunInterrupted, ScenarioError
 from raysim.architectures import build_architectures
-from raysim.fleet import load_proxy, prepare_fleet
+from raysim.fleet import load_proxy, load_validation, prepare_fleet
 from raysim.metrics import peak_rss_mb, reset_peak_rss, write_json
 from raysim.scenario import Scenario, load_scenario
 
@@ -134,6 +134,8 @@ def _check_models(scenario: Scenario, fleet: Any) -> None:
             raise ScenarioError(f"invalid scenario {scenario.source}: compression.{direction}: {exc}.") from None
     if scenario.proxy.path is not None:
         load_proxy(scenario, fleet)
+    if scenario.contribution is not None and scenario.contribution.validation_path is not None:
+        load_validation(scenario, fleet)
 
 
 def _check_privacy_budget(scenario: Scenario) -> None:

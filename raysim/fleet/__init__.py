@@ -209,25 +209,12 @@ def load_proxy(scenario: "Scenario", fleet: FleetData) -> np.ndarray:
     Synthetic fleets draw it from the generator; Parquet fleets read the
     first ``proxy.samples`` windows of ``proxy.path`` (labels ignored).
     """
-    proxy = scenario.proxy
+    samples = scenario.proxy.samples
     if scenario.fleet.data.kind == "synthetic":
-        x, sensor = synthetic.proxy_set(scenario.fleet.data, scenario.seed, proxy.samples)
+        x, sensor = synthetic.proxy_set(scenario.fleet.data, scenario.seed, samples)
     else:
-        info = inspect(scenario.resolve_path(proxy.path))
-        if (info.channels, info.window) != (fleet.channels, fleet.window):
-            raise DataError(f"data file {info.path} (proxy.path): column 'x' must have the fleet's shape "
-                            f"(channels, window) = ({fleet.channels}, {fleet.window}), it has "
-                            f"({info.channels}, {info.window})")
-        x, _, sensor = read_all(info.path)
-        if len(x) < proxy.samples:
-            raise DataError(f"data file {info.path} (proxy.path) holds {len(x)} samples, fewer than proxy.samples "
-                            f"= {proxy.samples}; lower proxy.samples or use a larger file")
-        x, sensor = x[: proxy.samples], sensor[: proxy.samples]
-    out = np.empty_like(x, dtype=np.float32)
-    for sid in np.unique(sensor):
-        rows = sensor == sid
-        out[rows] = preprocess.apply(x[rows], scenario.fleet.data.preprocess)
-    return out
+        x, _, sensor = _side_file(scenario, fleet, scenario.proxy.path, "proxy.path", "proxy.samples", samples)
+    return _per_sensor(scenario, x, sensor)
 
 
 def load_validation(scenario: "Scenario", fleet: FleetData) -> tuple[np.ndarray, np.ndarray]:
@@ -239,14 +226,30 @@ def load_validation(scenario: "Scenario", fleet: FleetData) -> tuple[np.ndarray,
     if scenario.fleet.data.kind == "synthetic":
         x, y, sensor = synthetic.validation_set(scenario.fleet.data, scenario.seed, samples)
     else:
-        info = inspect(scenario.resolve_path(config.validation_path))
-        if (info.channels, info.window) != (fleet.channels, fleet.window):
-            raise DataError(f"data file {info.path} (contribution.validation_path): column 'x' must have the "
-                            f"fleet's shape (channels, window) = ({fleet.channels}, {fleet.window}), it has "
-                            f"({info.channels}, {info.window})")
-        x, y, sensor = (a[:samples] for a in read_all(info.path))
+        x, y, sensor = _side_file(scenario, fleet, config.validation_path, "contribution.validation_path",
+                                  "contribution.validation_samples", samples)
+    return _per_sensor(scenario, x, sensor), np.asarray(y, dtype=np.int64)
+
+
+def _side_file(scenario: "Scenario", fleet: FleetData, path: str, field: str, count_field: str,
+               samples: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The first ``samples`` rows ``(x, y, sensor)`` of a Parquet file beside the fleet's, checked."""
+    info = inspect(scenario.resolve_path(path))
+    if (info.channels, info.window) != (fleet.channels, fleet.window):
+        raise DataError(f"data file {info.path} ({field}): column 'x' must have the fleet's shape "
+                        f"(channels, window) = ({fleet.channels}, {fleet.window}), it has "
+                        f"({info.channels}, {info.window})")
+    x, y, sensor = read_all(info.path)
+    if len(x) < samples:
+        raise DataError(f"data file {info.path} ({field}) holds {len(x)} samples, fewer than {count_field} "
+                        f"= {samples}; lower {count_field} or use a larger file")
+    return x[:samples], y[:samples], sensor[:samples]
+
+
+def _per_sensor(scenario: "Scenario", x: np.ndarray, sensor: np.ndarray) -> np.ndarray:
+    """``x`` preprocessed one sensor at a time, as each sensor's own pipeline would."""
     out = np.empty_like(x, dtype=np.float32)
     for sid in np.unique(sensor):
         rows = sensor == sid
         out[rows] = preprocess.apply(x[rows], scenario.fleet.data.preprocess)
-    return out, np.asarray(y, dtype=np.int64)
+    return out
