@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 
 import numpy as np
@@ -188,3 +189,34 @@ def test_bad_contribution_settings_are_one_paragraph_and_status_2(tmp_path, caps
     assert main(["validate", str(scenario)]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert expected in err and "Traceback" not in err
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("section, field", [("proxy", "path"), ("contribution", "validation_path")])
+def test_side_files_of_a_parquet_fleet_are_checked_and_used(ray_session, tmp_path, capsys, section, field):
+    import pyarrow as pa
+    from test_bad_data import good_columns, scenario_for
+
+    scenario = scenario_for(tmp_path, good_columns())
+    spec_ = yaml.safe_load(scenario.read_text())
+    if section == "proxy":
+        spec_.update(distillation={}, proxy={"samples": 30, "path": "side.parquet"})
+    else:
+        spec_.update(contribution={"validation_samples": 30, "validation_path": "side.parquet"})
+    scenario.write_text(yaml.safe_dump(spec_))
+    pq.write_table(pa.table(good_columns(sensors=2, per_sensor=5)), tmp_path / "side.parquet")  # 10 windows
+    assert main(["run", str(scenario), "--out", str(tmp_path / "run")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"({section}.{field}) holds 10 samples, fewer than" in err and "Traceback" not in err
+    pq.write_table(pa.table(good_columns(sensors=8, per_sensor=5, length=10)), tmp_path / "side.parquet")
+    assert main(["run", str(scenario), "--out", str(tmp_path / "run")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"({section}.{field}): column 'x' must have the fleet's shape" in err
+    assert not (tmp_path / "run").exists()
+    pq.write_table(pa.table(good_columns(sensors=8, per_sensor=5)), tmp_path / "side.parquet")
+    assert main(["run", str(scenario), "--out", str(tmp_path / "run")]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    if section == "proxy":
+        assert summary["architectures"][0]["bytes_down_per_task"] > summary["architectures"][0]["parameters"] * 4
+    else:
+        assert summary["contribution"]["scored_updates"] == 2
