@@ -90,6 +90,7 @@ class ClientActor:
                 self.shard.y[rows] = self.shard.y[rows][order]
         positions = fleet.profiles.positions(self.shard.ids)
         self.sensor_group = self.arch.group_of(fleet.profiles.tier[positions])  # aligned with shard.ids
+        self.sensor_epochs = tier_epochs(scenario)[fleet.profiles.tier[positions]]  # each sensor's local epochs
         # Sensors' own state beyond SCAFFOLD and error feedback, by sensor id: personal layers' values,
         # the previous local model (MOON), and which sensors have trained (personalized evaluation).
         self.personal: dict[int, np.ndarray] = {}
@@ -250,7 +251,8 @@ class ClientActor:
         datasets = [(x[s : s + c], y[s : s + c]) for s, c in zip(starts.tolist(), counts.tolist())]
         # Each task's batch order from stream(seed, TRAIN, sensor, key), the generators seeded in bulk.
         keys = np.stack([sensor_ids, task_keys], axis=1).astype(np.int64)
-        plans = [self.local.plan(int(n), rng) for n, rng in zip(counts.tolist(), keyed_streams(seed, TRAIN, keys))]
+        plans = [self.local.plan(int(n), rng, int(e)) for n, e, rng in
+                 zip(counts.tolist(), self.sensor_epochs[where].tolist(), keyed_streams(seed, TRAIN, keys))]
         span = group.span
         start = weights[0][span] if len(weights) == 1 else np.stack([weights[v][span] for v in version_slots])
         personal = group.personal.any()
@@ -390,4 +392,9 @@ def _batches(count: int, size: int) -> list[slice]:
 
 
 
-_EMPTY = np.zeros(0, dtype=np.float32)  # the value of a "trained" marker in client_state
+_EMPTY = np.zeros(0, dtype=np.float32)
+
+
+def tier_epochs(scenario: Scenario) -> np.ndarray:
+    """Each tier's local epochs: its own ``local_epochs``, or ``training.local_epochs``."""
+    return np.array([t.local_epochs or scenario.training.local_epochs for t in scenario.fleet.tiers], dtype=np.int64)  # the value of a "trained" marker in client_state

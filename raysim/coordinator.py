@@ -48,7 +48,8 @@ from raysim.strategies import STRATEGIES, FedAvg, ServerContext, UpdateBatch
 from raysim.strategies.robust import AGGREGATORS, norm_clip
 from raysim.strategies.server_optimizers import SERVER_OPTIMIZERS
 from raysim.strategies.validation import ACCEPTED, NON_FINITE, UNKNOWN_BASE, fingerprint, screen
-from raysim.training import evaluate
+from raysim.client import tier_epochs
+from raysim.training import LocalTraining, evaluate
 
 SKIPPED = "skipped"  # delivered in a round that fell short of min_completion
 REJECTED = "rejected"  # trained and received, but refused by validation (events.reason says why)
@@ -95,7 +96,13 @@ class Coordinator:
                                   for t in scenario.fleet.tiers])[self.profiles.tier]
         uploads = np.array(logits_bytes(scenario, self.arch)[0], dtype=bool)[self.group_of]
         factor = work_factor(scenario, self.profiles.num_samples, uploads)
+        # A tier with its own local epochs: the clock's compute time (n × epochs × seconds per sample) scaled to it.
+        self.epochs = tier_epochs(scenario)[self.profiles.tier]
+        factor = factor * self.epochs / scenario.training.local_epochs
         self.profiles = replace(self.profiles, seconds_per_sample=self.profiles.seconds_per_sample * factor)
+        # SGD steps a task would take with all its epochs: early stopping charges only the share it took.
+        self.planned_steps = self.epochs * LocalTraining.from_scenario(scenario.training).steps_per_epoch(
+            self.profiles.num_samples)
         compression = scenario.compression
         self.codec = first.codec
         self.downlink = CODECS.build(compression.downlink, self.arch.numels) if compression.downlink.name != "none" else None
@@ -567,6 +574,18 @@ class Coordinator:
         rng = stream(self.scenario.seed, PRIVACY, step_key)
         return lambda updates, weights: self.central_dp.aggregate(updates, rng)
 
+    def charge_steps_taken(self, plan: TaskPlan, rows: np.ndarray, positions: np.ndarray, steps: np.ndarray) -> TaskPlan:
+        """The plan with each trained task's compute time cut to the share of its planned steps it took (early
+        stopping), and its upload and arrival moved earlier by as much. Drops and straggler decisions were made
+        on the full planned time, an upper bound."""
+        planned = np.maximum(self.planned_steps[positions], 1)
+        compute = plan.compute_s.copy()
+        saved = compute[rows] * (1.0 - np.minimum(steps / planned, 1.0))
+        compute[rows] -= saved
+        arrived = plan.arrived_at.copy()
+        arrived[rows] -= saved
+        return replace(plan, compute_s=compute, arrived_at=arrived)
+
     def plan(self, positions: np.ndarray, task_keys: np.ndarray | int, dispatched_at: float) -> TaskPlan:
         return plan_tasks(self.profiles.take(positions), task_keys=task_keys, dispatched_at=dispatched_at,
                           positions=positions, bytes_down=self.bytes_down_of[positions],
@@ -888,12 +907,6 @@ class SyncRounds:
             accepted[:] = False
         # The round ends at its last accepted update if it got every update it waits for,
         # otherwise at the deadline or when the last task arrived or was given up.
-        if accepted.sum() == target and target > 0:
-            end = plan.arrived_at[accepted].max()
-        elif policy.policy == "deadline":
-            end = start + policy.deadline_s
-        else:
-            end = plan.arrived_at.max()
         trained = None
         reason = np.full(len(chosen), "", dtype=object)
         if accepted.any():
@@ -906,6 +919,14 @@ class SyncRounds:
                                            base_versions=np.full(len(positions), version),
                                            staleness=np.zeros(len(positions), np.int64))
             outcome[accepted & (reason != "")] = REJECTED
+            if scenario.training.early_stopping is not None:
+                plan = c.charge_steps_taken(plan, accepted, positions, trained["steps"])
+        if accepted.sum() == target and target > 0:
+            end = plan.arrived_at[accepted].max()
+        elif policy.policy == "deadline":
+            end = start + policy.deadline_s
+        else:
+            end = plan.arrived_at.max()
         c.virtual_time_s = float(end)
         outcome = outcome.astype(str)
         events = c.event_rows(chosen, plan, outcome, round_index=round_index,

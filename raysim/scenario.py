@@ -158,6 +158,7 @@ class Tier(Frozen):
     ops_per_s: Optional[PositiveFloat] = None  # sustained training FLOP/s; cost = model's training FLOPs / ops_per_s
     model: Optional[MODELS.config_union()] = None  # type: ignore[valid-type]  # this tier's model; None = scenario's
     lr: Optional[PositiveFloat] = None  # this tier's local learning rate; None = training.lr (schedules scale it)
+    local_epochs: Optional[PositiveInt] = None  # this tier's local epochs; None = training.local_epochs
     speed_sigma: NonNegativeFloat = 0.0  # per-sensor lognormal spread of seconds_per_sample
     jitter_sigma: NonNegativeFloat = 0.0  # per-task lognormal jitter of the compute time
     up_mbps: PositiveFloat
@@ -232,6 +233,18 @@ class LrSchedule(Frozen):
         return lr
 
 
+class EarlyStopping(Frozen):
+    """Stop a sensor's local training once its epoch loss has not improved for ``patience`` epochs.
+
+    After each local epoch, the mean of that epoch's batch losses is compared
+    with the best so far; less than ``min_delta`` better counts as no
+    improvement. The virtual clock charges only the steps taken.
+    """
+
+    patience: PositiveInt = 1
+    min_delta: NonNegativeFloat = 0.0
+
+
 class Training(Frozen):
     rounds: PositiveInt = 20
     local_epochs: PositiveInt = 1
@@ -240,6 +253,7 @@ class Training(Frozen):
     weight_decay: NonNegativeFloat = 0.0
     momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0  # ρ of local SGD momentum (0 = plain SGD)
     lr_schedule: LrSchedule = LrSchedule()
+    early_stopping: Optional[EarlyStopping] = None  # None = every sensor runs all its local epochs
 
     @model_validator(mode="after")
     def _schedule_below_lr(self) -> "Training":
@@ -567,6 +581,9 @@ def _alignment_fits(scenario: "Scenario") -> None:
                          f"are {', '.join(names)}")
     if selection.shares is not None and not sum(selection.shares.values()) > 0:
         raise ValueError("aggregation.selection.shares: at least one tier needs a positive share")
+    if scenario.training.early_stopping is not None and scenario.aggregation.mode == "async":
+        raise ValueError("training.early_stopping needs aggregation.mode sync: an async schedule fixes each "
+                         "task's arrival before it trains")
     if selection.policy in ("stratified", "oort") and scenario.aggregation.mode == "async":
         raise ValueError(f"aggregation.selection.policy {selection.policy} chooses a synchronous round's cohort; "
                          f"async runs take uniform or availability")

@@ -53,6 +53,8 @@ class LocalTraining:
     weight_decay: float = 0.0  # λ: w ← w − η(∇L + λw)
     momentum: float = 0.0  # ρ: m ← ρm + g, w ← w − η m; 0 = plain SGD
     prox_mu: float = 0.0  # μ: FedProx term μ/2·‖w − w₀‖² added to the loss; 0 = none
+    patience: int = 0  # early stopping: epochs without improvement before a sensor stops; 0 = never stops
+    min_delta: float = 0.0  # early stopping: the least epoch-loss decrease that counts as improvement
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -76,7 +78,10 @@ class LocalTraining:
         with ``dataclasses.replace``.
         """
         batch_size = None if training.batch_size == "full" else int(training.batch_size)
+        stopping = getattr(training, "early_stopping", None)
         return cls(
+            patience=int(stopping.patience) if stopping is not None else 0,
+            min_delta=float(stopping.min_delta) if stopping is not None else 0.0,
             epochs=int(training.local_epochs),
             batch_size=batch_size,
             lr=float(training.lr),
@@ -85,9 +90,40 @@ class LocalTraining:
             prox_mu=float(getattr(training, "prox_mu", 0.0)),
         )
 
-    def plan(self, num_samples: int, rng: np.random.Generator) -> list[np.ndarray]:
-        """:func:`batch_plan` with this configuration's epochs and batch size."""
-        return batch_plan(num_samples, self.epochs, self.batch_size, rng)
+    def plan(self, num_samples: int, rng: np.random.Generator, epochs: int | None = None) -> list[np.ndarray]:
+        """:func:`batch_plan` with this configuration's batch size and epochs (or ``epochs``)."""
+        return batch_plan(num_samples, self.epochs if epochs is None else epochs, self.batch_size, rng)
+
+    def steps_per_epoch(self, num_samples: np.ndarray) -> np.ndarray:
+        """SGD steps of one local epoch for each sample count (0 for a sensor without samples)."""
+        n = np.asarray(num_samples, dtype=np.int64)
+        if self.batch_size is None:
+            return (n > 0).astype(np.int64)
+        return -(-n // self.batch_size)
+
+
+class _EarlyStop:
+    """Per-sensor early stopping state over a cohort: each sensor's epoch loss against its best so far."""
+
+    def __init__(self, cfg: LocalTraining, steps_per_epoch: np.ndarray) -> None:
+        self.cfg = cfg
+        self.per_epoch = np.maximum(steps_per_epoch, 1)
+        self.alive = np.ones(len(steps_per_epoch), dtype=bool)
+        self.best = np.full(len(steps_per_epoch), np.inf)
+        self.bad = np.zeros(len(steps_per_epoch), dtype=np.int64)
+        self.epoch_sum = np.zeros(len(steps_per_epoch))
+
+    def after_step(self, step: int, rows: np.ndarray, losses: np.ndarray) -> None:
+        """Rows ``rows`` (still alive) took step ``step`` with these batch losses; stop those whose epoch ended
+        without improving for ``patience`` epochs."""
+        self.epoch_sum[rows] += losses
+        ended = rows[(step + 1) % self.per_epoch[rows] == 0]
+        mean = self.epoch_sum[ended] / self.per_epoch[ended]
+        better = mean < self.best[ended] - self.cfg.min_delta
+        self.best[ended] = np.where(better, mean, self.best[ended])
+        self.bad[ended] = np.where(better, 0, self.bad[ended] + 1)
+        self.alive[ended[self.bad[ended] >= self.cfg.patience]] = False
+        self.epoch_sum[ended] = 0.0
 
 
 def batch_plan(num_samples: int, epochs: int, batch_size: int | None, rng: np.random.Generator) -> list[np.ndarray]:
@@ -353,7 +389,11 @@ def train_reference(
         if reg is not None:
             layout.load_into(anchor, global_flat[i])
             layout.load_into(before, reg.previous[i] if reg.previous is not None else global_flat[i])
+        stop = _EarlyStop(cfg, cfg.steps_per_epoch([len(y)])) if cfg.patience else None
         for step, idx in enumerate(plan):
+            if stop is not None and not stop.alive[0]:
+                steps[i] = step  # stopped early: the steps taken
+                break
             idx_t = torch.as_tensor(idx, dtype=torch.int64)
             if reg is None:
                 loss = objective = F.cross_entropy(model(x_t[idx_t]), y_t[idx_t])
@@ -369,6 +409,8 @@ def train_reference(
             with torch.no_grad():
                 local_step(params, grads, rate, cfg, start=start, correction=drift, momentum=momentum)
             loss_sum[i] += loss.item()
+            if stop is not None:
+                stop.after_step(step, np.array([0]), np.array([loss.item()]))
         updates[i] = layout.flatten(model) - global_flat[i]
     return TrainResult(updates, _mean_loss(loss_sum, steps), steps)
 
@@ -458,8 +500,18 @@ def train_vectorized(
 
     step_losses = torch.zeros(len(active), dtype=torch.float64)
     active_steps = steps[active]
+    stop = _EarlyStop(cfg, cfg.steps_per_epoch(counts)) if cfg.patience else None
+    taken = np.zeros(len(active), dtype=np.int64)
     for s in range(int(active_steps[0])):
         width = int((active_steps > s).sum())  # sorted, so the sensors still training are a prefix
+        if stop is not None:  # a sensor that stopped early keeps its place in the prefix with a rate of 0
+            going = stop.alive[:width]
+            if not going.any():
+                break
+            taken[:width] += going
+            step_rates = rates[:width] * torch.from_numpy(going.astype(np.float32))
+        else:
+            step_rates = rates[:width]
         batches = [plans[i][s] for i in active[:width]]
         batch_width = cfg.batch_size or max(len(b) for b in batches)
         index = np.repeat(starts[:width, None], batch_width, axis=1)  # padding points at a real sample, masked out
@@ -472,8 +524,8 @@ def train_vectorized(
         y_b = y_all.index_select(0, index_t).view(width, batch_width)
         params = layout.split(weights[:width])  # views into the stacked weights
         if fused_step is not None:
-            losses = fused_step(params, x_b, y_b, torch.from_numpy(mask), rates[:width])
-            step_losses[:width] += losses.to(torch.float64)
+            losses = fused_step(params, x_b, y_b, torch.from_numpy(mask), step_rates)
+            _account(step_losses, losses, width, stop, s)
             continue
         if reg is None:
             grads, losses = cohort_step(params, x_b, y_b, torch.from_numpy(mask))
@@ -488,16 +540,18 @@ def train_vectorized(
             local_step(
                 list(params.values()),
                 [grads[name] for name in params],
-                rates[:width],
+                step_rates,
                 cfg,
                 start=prefix(start, width),
                 correction=prefix(drift, width),
                 momentum=prefix(momentum, width),
             )
-        step_losses[:width] += losses.to(torch.float64)
+        _account(step_losses, losses, width, stop, s)
 
     updates[active] = weights.sub_(torch.from_numpy(global_flat[active])).numpy()
     loss_sum[active] = step_losses.numpy()
+    if stop is not None:
+        steps[active] = taken
     return TrainResult(updates, _mean_loss(loss_sum, steps), steps)
 
 
@@ -522,6 +576,18 @@ def _batched_step(model: nn.Module) -> Callable | None:
         return dict(zip(leaves, grads)), losses.detach()
 
     return cohort_step
+
+
+def _account(step_losses: torch.Tensor, losses: torch.Tensor, width: int, stop: "_EarlyStop | None", step: int) -> None:
+    """Add a step's batch losses to the first ``width`` sensors' sums (only those still training, with early
+    stopping, which then learns who stops)."""
+    losses = losses.detach().to(torch.float64)
+    if stop is None:
+        step_losses[:width] += losses
+        return
+    rows = np.flatnonzero(stop.alive[:width])
+    step_losses[rows] += losses[rows]
+    stop.after_step(step, rows, losses[rows].numpy())
 
 
 def _regularized_step(model: nn.Module, reg: Regularizers) -> Callable:
