@@ -25,6 +25,7 @@ from raysim.scenario import Scenario
 from raysim.streams import COMPRESS, HOLDOUT, PRIVACY, PROXY, TRAIN, keyed_streams, stream
 from raysim.attacks import choose_attackers, flip_labels
 from raysim.compression import CODECS, ErrorFeedback
+from raysim.drift import SensorDrift
 from raysim.privacy import local_dp
 from raysim.strategies import client_settings
 from raysim.strategies.validation import fingerprint
@@ -98,6 +99,8 @@ class ClientActor:
         self.trained: set[int] = set()
         needs_proxy = scenario.distillation is not None or scenario.alignment.mmd_weight > 0
         self.proxy_x = load_proxy(scenario, fleet) if needs_proxy else None
+        self.drift = (SensorDrift(scenario.drift, scenario.seed, fleet.profiles.sensor_id, fleet.channels)
+                      if scenario.drift is not None else None)
         self.sensors_per_batch = int(scenario.cluster.sensors_per_batch)
         self._warm_up()
 
@@ -249,6 +252,9 @@ class ClientActor:
         model, layout = self.models[group.index], group.layout
         x, y, starts, counts = self.shard.x, self.shard.y, self.shard.starts[where], self.train_counts[where]
         datasets = [(x[s : s + c], y[s : s + c]) for s, c in zip(starts.tolist(), counts.tolist())]
+        if self.drift is not None:  # sync: the task key is the round
+            datasets = [(self.drift.apply(int(sid), int(key), dx), dy)
+                        for sid, key, (dx, dy) in zip(sensor_ids.tolist(), task_keys.tolist(), datasets)]
         # Each task's batch order from stream(seed, TRAIN, sensor, key), the generators seeded in bulk.
         keys = np.stack([sensor_ids, task_keys], axis=1).astype(np.int64)
         plans = [self.local.plan(int(n), rng, int(e)) for n, e, rng in

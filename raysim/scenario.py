@@ -512,6 +512,23 @@ class Contribution(Frozen):
     trust_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
 
 
+class SensorFault(Frozen):
+    """A sudden fault of a seeded share of the sensors, from ``round`` on."""
+
+    fraction: Annotated[float, Field(ge=0, le=1)] = 0.1
+    round: PositiveInt = 1
+    kind: Literal["stuck", "noisy"] = "stuck"
+    noise: NonNegativeFloat = 1.0  # noisy: σ of the added noise
+
+
+class Drift(Frozen):
+    """Sensor data drifting over rounds (see raysim/drift.py); sync runs."""
+
+    gain_walk: NonNegativeFloat = 0.0  # σ per round of each sensor's per-channel log-gain random walk
+    offset_walk: NonNegativeFloat = 0.0  # σ per round of each sensor's per-channel offset random walk
+    fault: Optional[SensorFault] = None
+
+
 class Checkpoint(Frozen):
     """How often a synchronous run saves what ``raysim run --resume RUN_DIR`` needs to continue it."""
 
@@ -581,6 +598,8 @@ def _alignment_fits(scenario: "Scenario") -> None:
                          f"are {', '.join(names)}")
     if selection.shares is not None and not sum(selection.shares.values()) > 0:
         raise ValueError("aggregation.selection.shares: at least one tier needs a positive share")
+    if scenario.drift is not None and scenario.aggregation.mode == "async":
+        raise ValueError("drift changes a sensor's data by round: it needs aggregation.mode sync")
     if scenario.training.early_stopping is not None and scenario.aggregation.mode == "async":
         raise ValueError("training.early_stopping needs aggregation.mode sync: an async schedule fixes each "
                          "task's arrival before it trains")
@@ -631,6 +650,7 @@ class Scenario(Frozen):
     alignment: Alignment = Alignment()
     proxy: Proxy = Proxy()
     contribution: Optional[Contribution] = None  # None = no contribution scores
+    drift: Optional[Drift] = None  # None = every sensor's data stays as it is
 
     # Directory relative data paths are resolved against (the scenario file's folder).
     base_dir: str = Field(default=".", exclude=True)

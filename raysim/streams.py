@@ -22,6 +22,7 @@ COMPRESS = 0xC0DE  # per sensor and task: a codec's stochastic rounding or rando
 PRIVACY = 0xD1FF  # central: per round, the server's noise; local: per sensor and task, the sensor's noise
 PROXY = 0x9B0C  # per sensor and task: which proxy samples each local step adds (distillation, MMD)
 CONTRIBUTION = 0xC047  # per round: the random orders of Monte-Carlo Shapley
+DRIFT = 0xD21F  # per sensor: its calibration random walks; per sensor and round: a noisy fault's noise
 HOLDOUT = 0x401D  # per sensor: which of its samples are kept aside for personalized evaluation
 
 

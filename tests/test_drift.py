@@ -1,0 +1,88 @@
+"""Drifting sensor data: calibration random walks and sudden faults."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import yaml
+
+import raysim
+from helpers import with_changes
+from raysim.attacks import attacker_count
+from raysim.cli import main
+from raysim.drift import SensorDrift, faulty_sensors
+from raysim.scenario import Drift, SensorFault
+
+
+def spec(**changes) -> dict:
+    return with_changes({
+        "name": "drift", "seed": 4,
+        "fleet": {"sensors": 40, "data": {"kind": "synthetic", "samples_per_sensor": 12, "test_samples": 100,
+                                          "test_sensors": 4}},
+        "model": {"name": "mlp", "hidden": [8]},
+        "training": {"rounds": 6, "batch_size": 6, "lr": 0.1},
+        "aggregation": {"cohort": 20},
+        "cluster": {"num_cpus": 0.5, "client_actors": 2},
+        "logging": {"progress": False, "tensorboard": False},
+    }, changes)
+
+
+def _windows(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(5, 3, 8)).astype(np.float32)
+
+
+def test_no_drift_leaves_the_data_alone():
+    drift = SensorDrift(Drift(), seed=1, fleet_ids=np.arange(10), channels=3)
+    x = _windows()
+    np.testing.assert_array_equal(drift.apply(3, 7, x), x)
+
+
+def test_calibration_walks_grow_like_random_walks():
+    drift = SensorDrift(Drift(gain_walk=0.1, offset_walk=0.2), seed=1, fleet_ids=np.arange(3000), channels=3)
+    for r in (4, 16):
+        gains, offsets = zip(*(drift.walks(sid, r) for sid in range(3000)))
+        assert np.var(gains) == pytest.approx(r * 0.1 ** 2, rel=0.1)
+        assert np.var(offsets) == pytest.approx(r * 0.2 ** 2, rel=0.1)
+    # One walk: round r + 1 adds a single N(0, σ²) step to round r.
+    steps = np.array([drift.walks(sid, 9)[0] - drift.walks(sid, 8)[0] for sid in range(3000)])
+    assert np.var(steps) == pytest.approx(0.1 ** 2, rel=0.1)
+    x = _windows()
+    gain, offset = drift.walks(5, 3)
+    np.testing.assert_allclose(drift.apply(5, 3, x), np.exp(gain)[None, :, None] * x + offset[None, :, None], rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["stuck", "noisy"])
+def test_faulty_sensors_fail_from_the_fault_round(kind):
+    ids = np.arange(200)
+    assert faulty_sensors(1, ids, 0.25).sum() == attacker_count(200, 0.25)
+    drift = SensorDrift(Drift(fault=SensorFault(fraction=0.25, round=5, kind=kind, noise=2.0)), 1, ids, channels=3)
+    faulty = sorted(drift.faulty)
+    healthy = sorted(set(ids.tolist()) - drift.faulty)
+    x = _windows()
+    np.testing.assert_array_equal(drift.apply(faulty[0], 4, x), x)  # before the fault
+    np.testing.assert_array_equal(drift.apply(healthy[0], 9, x), x)
+    after = drift.apply(faulty[0], 5, x)
+    if kind == "stuck":
+        np.testing.assert_array_equal(after, np.broadcast_to(x[:1, :, :1], x.shape))
+    else:
+        assert np.std(after - x) == pytest.approx(2.0, rel=0.25)
+
+
+@pytest.mark.ray
+def test_a_run_is_unchanged_until_the_fault_and_not_after(ray_session, tmp_path):
+    clean = raysim.run(spec(), out_dir=tmp_path / "clean")
+    failing = raysim.run(spec(drift={"fault": {"fraction": 0.5, "round": 4, "kind": "stuck"}}),
+                         out_dir=tmp_path / "failing")
+    before, after = slice(0, 3), slice(3, 6)
+    for column in ("train_loss", "accuracy"):
+        a, b = clean.metrics[column].to_numpy(), failing.metrics[column].to_numpy()
+        np.testing.assert_array_equal(a[before], b[before])
+        assert not np.allclose(a[after], b[after])
+
+
+def test_drift_needs_sync_mode(tmp_path, capsys):
+    scenario = tmp_path / "bad.yaml"
+    scenario.write_text(yaml.safe_dump(spec(drift={}, aggregation={"mode": "async", "strategy": {
+        "name": "fedbuff", "concurrency": 8}})))
+    assert main(["validate", str(scenario)]) == 2
+    assert "drift changes a sensor's data by round" in " ".join(capsys.readouterr().err.split())
