@@ -252,9 +252,14 @@ class ClientActor:
         model, layout = self.models[group.index], group.layout
         x, y, starts, counts = self.shard.x, self.shard.y, self.shard.starts[where], self.train_counts[where]
         datasets = [(x[s : s + c], y[s : s + c]) for s, c in zip(starts.tolist(), counts.tolist())]
+        reports = None
         if self.drift is not None:  # sync: the task key is the round
             datasets = [(self.drift.apply(int(sid), int(key), dx), dy)
                         for sid, key, (dx, dy) in zip(sensor_ids.tolist(), task_keys.tolist(), datasets)]
+            detection = self.scenario.drift.detection
+            if detection is not None:  # what each sensor reports of its windows, for drift detection
+                reports = np.stack([self.drift.report(int(sid), int(key), dx, detection.samples)
+                                    for sid, key, (dx, _) in zip(sensor_ids.tolist(), task_keys.tolist(), datasets)])
         # Each task's batch order from stream(seed, TRAIN, sensor, key), the generators seeded in bulk.
         keys = np.stack([sensor_ids, task_keys], axis=1).astype(np.int64)
         plans = [self.local.plan(int(n), rng, int(e)) for n, e, rng in
@@ -315,6 +320,8 @@ class ClientActor:
             # A teaching sensor uploads its logits; the others send none (NaN rows keep the results aligned).
             out["logits"] = (self._proxy_logits(group, local_models) if group.index in self.arch.teaching
                              else np.full((len(sensor_ids), self.arch.logits_size), np.nan, dtype=np.float32))
+        if reports is not None:
+            out["summary"] = reports
         out.update(num_samples=num_samples, train_loss=result.train_loss, steps=result.steps)
         return out
 

@@ -42,6 +42,7 @@ from raysim.architectures import Group, build_architectures, describe, logits_by
 from raysim.privacy import CentralDP, RunAccountant
 from raysim.scenario import Scenario
 from raysim.selection import Selector, expected_durations
+from raysim.drift import DRIFT_SCHEMA, DriftDetector
 from raysim.streams import ATTACK, COHORT, CONTRIBUTION, DISPATCH, PRIVACY, stream
 from raysim.attacks import attack_updates, choose_attackers
 from raysim.strategies import STRATEGIES, FedAvg, ServerContext, UpdateBatch
@@ -111,13 +112,16 @@ class Coordinator:
         # with distillation the consensus logits down and the sensor's logits up.
         control_bytes = self.layout.num_bytes if self.scaffold else 0
         logits_up, logits_down = logits_bytes(scenario, self.arch)
+        detection = scenario.drift.detection if scenario.drift is not None else None
+        self.detector = DriftDetector(detection.alpha, fleet.channels) if detection is not None else None
+        report_bytes = 4 * fleet.channels * detection.samples if detection is not None else 0  # the drift report
         raw_up, raw_down, up, down = [], [], [], []
         for g, logit_up, logit_down in zip(self.groups, logits_up, logits_down):
             shared = 4 * len(g.group.shared)
             model_bytes = (CODECS.build(compression.downlink, g.group.shared_numels).payload_bytes
                            if compression.downlink.name != "none" else shared)
             down.append(model_bytes + control_bytes + logit_down)
-            up.append(g.update_bytes + control_bytes + logit_up)
+            up.append(g.update_bytes + control_bytes + logit_up + report_bytes)
             raw_up.append(shared + control_bytes + (4 * self.arch.logits_size if logit_up else 0))
             raw_down.append(shared + control_bytes + (4 * self.arch.logits_size if logit_down else 0))
         self.bytes_up_of = np.array(up, dtype=np.int64)[self.group_of]  # per fleet position
@@ -194,6 +198,8 @@ class Coordinator:
         if self.scorer is not None:
             write_parquet(pa.Table.from_pylist(self.scorer.rows, schema=CONTRIBUTIONS_SCHEMA),
                           self.run_dir / "contributions.parquet")
+        if self.detector is not None:
+            write_parquet(pa.Table.from_pylist(self.detector.rows, schema=DRIFT_SCHEMA), self.run_dir / "drift.parquet")
         loop_state = self.loop.state() if isinstance(self.loop, AsyncSteps) else None  # collects its trainings first
         clients = ray.get([actor.client_state.remote() for actor in self.actors])
         state: dict[str, Any] = {
@@ -233,7 +239,7 @@ class Coordinator:
         self.wall_before = float(state["wall_time_s"])
         self.totals = {k: int(state[f"totals.{k}"]) for k in self.totals}
         parts = [("privacy.", self.central_dp), ("accountant.", self.accountant), ("selection.", self.selector),
-                 ("contribution.", self.scorer)]
+                 ("contribution.", self.scorer), ("drift.", self.detector)]
         for g in self.groups:
             parts += [(f"{g.prefix}optimizer.", g.optimizer), (f"{g.prefix}strategy.", g.strategy)]
         for prefix, part in parts:
@@ -248,6 +254,9 @@ class Coordinator:
         if self.scorer is not None and (self.run_dir / "contributions.parquet").exists():
             rows = pq.read_table(self.run_dir / "contributions.parquet").to_pylist()
             self.scorer.rows = [r for r in rows if r["round"] <= self.step_index]
+        if self.detector is not None and (self.run_dir / "drift.parquet").exists():
+            rows = pq.read_table(self.run_dir / "drift.parquet").to_pylist()
+            self.detector.rows = [r for r in rows if r["round"] <= self.step_index]
         return self.step_index
 
     def _server_state(self) -> dict[str, np.ndarray]:
@@ -259,6 +268,8 @@ class Coordinator:
         state.update({f"selection.{k}": v for k, v in self.selector.state_dict().items()})
         if self.scorer is not None:
             state.update({f"contribution.{k}": v for k, v in self.scorer.state_dict().items()})
+        if self.detector is not None:
+            state.update({f"drift.{k}": v for k, v in self.detector.state_dict().items()})
         if self.central_dp is not None:
             state.update({f"privacy.{k}": v for k, v in self.central_dp.state_dict().items()})
         if self.accountant is not None:
@@ -819,7 +830,7 @@ class _Training:
             order[np.concatenate(self.rows)] = np.arange(self.count)
             merged: dict[str, Any] = {key: np.concatenate([np.atleast_1d(p[key]) for p in parts])[order]
                                       for key in ("num_samples", "train_loss", "steps")}
-            for key in ("updates", "fingerprint", "controls", "finite", "logits"):
+            for key in ("updates", "fingerprint", "controls", "finite", "logits", "summary"):
                 if key in parts[0]:
                     merged[key] = np.concatenate([p[key] for p in parts])[order]
             if "sum" in parts[0]:  # each actor's weighted sum of its own updates, and the rows it covers
@@ -915,6 +926,8 @@ class SyncRounds:
             trained = c.train(positions, np.full(len(positions), round_index), np.full(len(positions), version),
                               {version: c.weights}, reduce=c.reduce).result()
             c.selector.report(positions, trained["train_loss"], round_index)
+            if c.detector is not None:
+                alarms = c.detector.observe(round_index, c.profiles.sensor_id[positions], trained["summary"])
             reason[accepted] = c.aggregate(positions, trained, step_key=round_index,
                                            base_versions=np.full(len(positions), version),
                                            staleness=np.zeros(len(positions), np.int64))
@@ -943,6 +956,8 @@ class SyncRounds:
             "epsilon": c.charge_privacy(chosen, sample_rate, round_index),
             **c.selector.figures(chosen),
         }
+        if c.detector is not None:
+            row["drift_alarms"] = float(alarms) if accepted.any() else 0.0
         return c.record(row, events)
 
     def _idle_round(self, round_index: int, start: float) -> dict[str, Any]:

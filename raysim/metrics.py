@@ -59,6 +59,7 @@ METRICS_SCHEMA = pa.schema(
         ("actor_busy_max_s", pa.float64()),  # and the busiest actor's
         # With personalization: every sensor that has trained, with its own model on its own held-out samples.
         ("participation_fairness", pa.float64()),  # Jain's index over every sensor's selection count so far
+        ("drift_alarms", pa.float64()),  # sensors flagged by drift detection in the round (NaN without it)
         ("personal_accuracy_mean", pa.float64()),
         ("personal_accuracy_std", pa.float64()),
         ("personal_accuracy_p10", pa.float64()),  # the 10th percentile: how the worst-served sensors do
@@ -165,6 +166,7 @@ TB_BY_ROUND = {
     "epsilon": "privacy/epsilon",
     "dp_clip_norm": "privacy/clip_norm",
     "participation_fairness": "selection/participation_fairness",
+    "drift_alarms": "drift/alarms",
     "personal_accuracy_mean": "personal/accuracy_mean",
     "personal_accuracy_std": "personal/accuracy_std",
     "personal_accuracy_p10": "personal/accuracy_p10",

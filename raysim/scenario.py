@@ -521,12 +521,21 @@ class SensorFault(Frozen):
     noise: NonNegativeFloat = 1.0  # noisy: σ of the added noise
 
 
+class DriftDetection(Frozen):
+    """Per-sensor drift detection on the coordinator: a two-sample KS test per channel against the
+    sensor's first report, Bonferroni-corrected over channels (see raysim/drift.py)."""
+
+    alpha: Annotated[float, Field(gt=0, lt=1)] = 0.01  # false-alarm rate of one sensor's test
+    samples: Annotated[int, Field(ge=8, le=4096)] = 64  # values per channel a sensor reports with each update
+
+
 class Drift(Frozen):
-    """Sensor data drifting over rounds (see raysim/drift.py); sync runs."""
+    """Sensor data drifting over rounds, and its detection (see raysim/drift.py); sync runs."""
 
     gain_walk: NonNegativeFloat = 0.0  # σ per round of each sensor's per-channel log-gain random walk
     offset_walk: NonNegativeFloat = 0.0  # σ per round of each sensor's per-channel offset random walk
     fault: Optional[SensorFault] = None
+    detection: Optional[DriftDetection] = None  # None = no detection
 
 
 class Checkpoint(Frozen):

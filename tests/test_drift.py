@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -10,7 +11,7 @@ import raysim
 from helpers import with_changes
 from raysim.attacks import attacker_count
 from raysim.cli import main
-from raysim.drift import SensorDrift, faulty_sensors
+from raysim.drift import DriftDetector, SensorDrift, faulty_sensors
 from raysim.scenario import Drift, SensorFault
 
 
@@ -86,3 +87,51 @@ def test_drift_needs_sync_mode(tmp_path, capsys):
         "name": "fedbuff", "concurrency": 8}})))
     assert main(["validate", str(scenario)]) == 2
     assert "drift changes a sensor's data by round" in " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.ray
+def test_detection_stays_quiet_on_a_stationary_fleet(ray_session, tmp_path):
+    tests = alarms = 0
+    for seed in (1, 2, 3):
+        run = raysim.run(spec(seed=seed, drift={"detection": {"alpha": 0.05}}, **{"training.rounds": 15}),
+                         out_dir=tmp_path / f"quiet{seed}")
+        found = pq.read_table(run.run_dir / "drift.parquet").to_pandas()
+        tests += len(found)
+        alarms += int(found.alarm.sum())
+        assert run.metrics["drift_alarms"].to_numpy().sum() == found.alarm.sum()
+    assert tests > 500 and alarms / tests <= 0.08  # alpha 0.05, with room for sampling noise
+
+
+@pytest.mark.ray
+def test_detection_fires_at_a_faulty_sensors_first_report_after_the_fault(ray_session, tmp_path):
+    run = raysim.run(spec(drift={"detection": {"alpha": 0.01}, "fault": {"fraction": 0.25, "round": 5}},
+                          **{"training.rounds": 15}), out_dir=tmp_path / "fault")
+    found = pq.read_table(run.run_dir / "drift.parquet").to_pandas()
+    events = pq.read_table(run.run_dir / "events.parquet").to_pandas()
+    faulty = set(np.flatnonzero(faulty_sensors(4, np.arange(40), 0.25)).tolist())
+    first_report = events.groupby("sensor")["round"].min()
+    checked = 0
+    for sid in faulty:
+        if first_report[sid] >= 5:
+            continue  # its reference is already faulty: nothing to compare with
+        after = found[(found.sensor == sid) & (found["round"] >= 5)]
+        if len(after):
+            assert after.alarm.all()  # every test after the fault, the first one included
+            checked += 1
+    assert checked >= 5
+    healthy = found[~found.sensor.isin(faulty)]
+    assert healthy.alarm.mean() <= 0.05
+    # The report costs its bytes: C · samples float32 values more per upload.
+    clean = events[(events.outcome == "applied") & (events.retransmissions == 0)]
+    d = run.global_weights.size
+    assert (clean.bytes_up == 4 * d + 4 * 6 * 64).all()
+
+
+def test_the_detector_keeps_its_references_in_its_state():
+    detector = DriftDetector(alpha=0.01, channels=2)
+    rng = np.random.default_rng(0)
+    detector.observe(1, np.array([3, 4]), rng.normal(size=(2, 2 * 16)))
+    again = DriftDetector(alpha=0.01, channels=2)
+    again.load_state_dict(detector.state_dict())
+    report = rng.normal(size=(1, 2 * 16)) + 5.0
+    assert again.observe(2, np.array([3]), report) == detector.observe(2, np.array([3]), report) == 1
