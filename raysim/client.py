@@ -99,6 +99,7 @@ class ClientActor:
         self.trained: set[int] = set()
         needs_proxy = scenario.distillation is not None or scenario.alignment.mmd_weight > 0
         self.proxy_x = load_proxy(scenario, fleet) if needs_proxy else None
+        self.classes = fleet.classes
         self.drift = (SensorDrift(scenario.drift, scenario.seed, fleet.profiles.sensor_id, fleet.channels)
                       if scenario.drift is not None else None)
         self.sensors_per_batch = int(scenario.cluster.sensors_per_batch)
@@ -254,6 +255,8 @@ class ClientActor:
         datasets = [(x[s : s + c], y[s : s + c]) for s, c in zip(starts.tolist(), counts.tolist())]
         reports = None
         if self.drift is not None:  # sync: the task key is the round
+            datasets = [self.drift.resample(int(sid), int(key), dx, dy, self.classes)
+                        for sid, key, (dx, dy) in zip(sensor_ids.tolist(), task_keys.tolist(), datasets)]
             datasets = [(self.drift.apply(int(sid), int(key), dx), dy)
                         for sid, key, (dx, dy) in zip(sensor_ids.tolist(), task_keys.tolist(), datasets)]
             detection = self.scenario.drift.detection

@@ -8,6 +8,9 @@ is not):
 
 per channel, z, z' ~ N(0, 1) drawn from the sensor's own stream, so gain and
 offset wander as random walks whose variance grows linearly with the round.
+With ``prior_walk`` the sensor's class mix drifts too: each class c gets a
+log-weight random walk H_c(r) (steps of σ = prior_walk), and the round's
+windows are its own resampled with replacement with probability ∝ exp(H_y(r)).
 A seeded ``fault.fraction`` of the sensors fails at ``fault.round``: from then
 on a ``stuck`` sensor outputs a constant per channel (the first value of its
 first window), and a ``noisy`` one adds N(0, noise²) to every value. The
@@ -64,6 +67,22 @@ class SensorDrift:
         z = rng.standard_normal((max(round_index, 0), 2, self.channels))
         return self.config.gain_walk * z[:, 0].sum(0), self.config.offset_walk * z[:, 1].sum(0)
 
+    def class_weights(self, sensor_id: int, round_index: int, classes: int) -> np.ndarray:
+        """exp(H_c(r)) for each class c: the class-prior random walk's weights."""
+        rng = stream(self.seed, DRIFT, int(sensor_id), _PRIOR)
+        z = rng.standard_normal((max(round_index, 0), classes))
+        return np.exp(self.config.prior_walk * z.sum(0))
+
+    def resample(self, sensor_id: int, round_index: int, x: np.ndarray, y: np.ndarray,
+                 classes: int) -> tuple[np.ndarray, np.ndarray]:
+        """The sensor's windows drawn again, with replacement, with its drifted class prior (``prior_walk``)."""
+        if not self.config.prior_walk or len(y) == 0:
+            return x, y
+        weight = self.class_weights(sensor_id, round_index, classes)[y]
+        rng = stream(self.seed, DRIFT, int(sensor_id), int(round_index), _PRIOR)
+        rows = rng.choice(len(y), size=len(y), p=weight / weight.sum())
+        return x[rows], y[rows]
+
     def apply(self, sensor_id: int, round_index: int, x: np.ndarray) -> np.ndarray:
         """Sensor ``sensor_id``'s windows ``x`` (n, C, T) as it records them in round ``round_index``."""
         gain, offset = self.walks(sensor_id, round_index)
@@ -87,6 +106,7 @@ class SensorDrift:
 
 
 _REPORT = 0x5E7  # last key of the report-sampling streams
+_PRIOR = 0x9C1  # key of the class-prior walk and resampling streams
 
 # drift.parquet: one row per KS test (a sensor's report after its first).
 DRIFT_SCHEMA = pa.schema([("round", pa.int64()), ("sensor", pa.int64()), ("statistic", pa.float64()),

@@ -534,6 +534,7 @@ class Drift(Frozen):
 
     gain_walk: NonNegativeFloat = 0.0  # σ per round of each sensor's per-channel log-gain random walk
     offset_walk: NonNegativeFloat = 0.0  # σ per round of each sensor's per-channel offset random walk
+    prior_walk: NonNegativeFloat = 0.0  # σ per round of each sensor's per-class log-weight random walk
     fault: Optional[SensorFault] = None
     detection: Optional[DriftDetection] = None  # None = no detection
 

@@ -135,3 +135,21 @@ def test_the_detector_keeps_its_references_in_its_state():
     again.load_state_dict(detector.state_dict())
     report = rng.normal(size=(1, 2 * 16)) + 5.0
     assert again.observe(2, np.array([3]), report) == detector.observe(2, np.array([3]), report) == 1
+
+
+def test_the_class_prior_drifts_further_with_the_rounds():
+    drift = SensorDrift(Drift(prior_walk=0.3), seed=2, fleet_ids=np.arange(400), channels=3)
+    y = np.repeat(np.arange(4), 250)  # balanced
+    x = np.zeros((1000, 3, 2), dtype=np.float32)
+
+    def shift(r: int) -> float:  # mean total-variation distance from the balanced mix
+        distances = []
+        for sid in range(400):
+            _, drawn = drift.resample(sid, r, x, y, 4)
+            distances.append(0.5 * np.abs(np.bincount(drawn, minlength=4) / 1000 - 0.25).sum())
+        return float(np.mean(distances))
+
+    assert shift(0) < 0.03 < shift(2) < shift(10)
+    still = SensorDrift(Drift(), seed=2, fleet_ids=np.arange(4), channels=3)
+    same_x, same_y = still.resample(1, 10, x, y, 4)
+    assert same_x is x and same_y is y
