@@ -28,7 +28,6 @@ coordinates that do travel; codecs and byte counts cover only those.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -257,13 +256,6 @@ def describe(groups: tuple[Group, ...]) -> list[dict[str, Any]]:
     return [{"name": g.name, "model": g.config.model_dump(mode="json"), "parameters": g.size,
              "shared_parameters": int((~g.personal).sum()), "personal_layers": list(g.personal_names)}
             for g in groups]
-
-
-def finite_mean(values: list[float], weights: list[float]) -> float:
-    """Weighted mean of the finite values (NaN when there are none)."""
-    pairs = [(v, w) for v, w in zip(values, weights) if math.isfinite(v)]
-    total = sum(w for _, w in pairs)
-    return sum(v * w for v, w in pairs) / total if total > 0 else float("nan")
 
 
 def stacked_forward(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:

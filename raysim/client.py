@@ -91,7 +91,7 @@ class ClientActor:
                 self.shard.y[rows] = self.shard.y[rows][order]
         positions = fleet.profiles.positions(self.shard.ids)
         self.sensor_group = self.arch.group_of(fleet.profiles.tier[positions])  # aligned with shard.ids
-        self.sensor_epochs = tier_epochs(scenario)[fleet.profiles.tier[positions]]  # each sensor's local epochs
+        self.sensor_epochs = np.array(scenario.tier_epochs())[fleet.profiles.tier[positions]]  # its local epochs
         # Sensors' own state beyond SCAFFOLD and error feedback, by sensor id: personal layers' values,
         # the previous local model (MOON), and which sensors have trained (personalized evaluation).
         self.personal: dict[int, np.ndarray] = {}
@@ -408,9 +408,4 @@ def _batches(count: int, size: int) -> list[slice]:
 
 
 
-_EMPTY = np.zeros(0, dtype=np.float32)
-
-
-def tier_epochs(scenario: Scenario) -> np.ndarray:
-    """Each tier's local epochs: its own ``local_epochs``, or ``training.local_epochs``."""
-    return np.array([t.local_epochs or scenario.training.local_epochs for t in scenario.fleet.tiers], dtype=np.int64)  # the value of a "trained" marker in client_state
+_EMPTY = np.zeros(0, dtype=np.float32)  # the value of a "trained" marker in client_state

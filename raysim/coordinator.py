@@ -49,7 +49,6 @@ from raysim.strategies import STRATEGIES, FedAvg, ServerContext, UpdateBatch
 from raysim.strategies.robust import AGGREGATORS, norm_clip
 from raysim.strategies.server_optimizers import SERVER_OPTIMIZERS
 from raysim.strategies.validation import ACCEPTED, NON_FINITE, UNKNOWN_BASE, fingerprint, screen
-from raysim.client import tier_epochs
 from raysim.training import LocalTraining, evaluate
 
 SKIPPED = "skipped"  # delivered in a round that fell short of min_completion
@@ -93,12 +92,11 @@ class Coordinator:
         # Each sensor's architecture, local learning-rate factor (its tier's lr) and compute per sample
         # (its tier's model; distillation and alignment terms add work: architectures.work_factor).
         self.group_of = self.arch.group_of(self.profiles.tier)
-        self.lr_scale = np.array([(t.lr or scenario.training.lr) / scenario.training.lr
-                                  for t in scenario.fleet.tiers])[self.profiles.tier]
+        self.lr_scale = np.array(scenario.tier_lr_scale())[self.profiles.tier]
         uploads = np.array(logits_bytes(scenario, self.arch)[0], dtype=bool)[self.group_of]
         factor = work_factor(scenario, self.profiles.num_samples, uploads)
         # A tier with its own local epochs: the clock's compute time (n × epochs × seconds per sample) scaled to it.
-        self.epochs = tier_epochs(scenario)[self.profiles.tier]
+        self.epochs = np.array(scenario.tier_epochs())[self.profiles.tier]
         factor = factor * self.epochs / scenario.training.local_epochs
         self.profiles = replace(self.profiles, seconds_per_sample=self.profiles.seconds_per_sample * factor)
         # SGD steps a task would take with all its epochs: early stopping charges only the share it took.
@@ -124,6 +122,7 @@ class Coordinator:
             up.append(g.update_bytes + control_bytes + logit_up + report_bytes)
             raw_up.append(shared + control_bytes + (4 * self.arch.logits_size if logit_up else 0))
             raw_down.append(shared + control_bytes + (4 * self.arch.logits_size if logit_down else 0))
+        self.group_bytes = (up, down)  # per architecture: one update up, one model (with its consensus) down
         self.bytes_up_of = np.array(up, dtype=np.int64)[self.group_of]  # per fleet position
         self.bytes_down_of = np.array(down, dtype=np.int64)[self.group_of]
         # Raw float32 bytes per byte actually sent, each way (over the fleet's sensors).
@@ -402,12 +401,6 @@ class Coordinator:
         self.actors[index] = handle
         self.replaced.append({"step": self.step_index + 1, "actor": int(index), "reason": reason})
         return handle
-
-    def _group_bytes(self) -> tuple[list[int], list[int]]:
-        """Bytes of one update up and of one model (with the consensus) down, per architecture."""
-        first = [int(np.flatnonzero(self.group_of == g.group.index)[0]) if (self.group_of == g.group.index).any()
-                 else 0 for g in self.groups]
-        return [self.bytes_up_of[i] for i in first], [self.bytes_down_of[i] for i in first]
 
     def _decoder(self, positions: np.ndarray) -> Any:
         """How the coordinator decodes row k's uplink payload (None without a codec): the row's architecture's
@@ -735,7 +728,7 @@ class Coordinator:
         final = self.recorder.metrics[-1] if self.recorder.metrics else {}
         summary["architectures"] = [{**d, "final_accuracy": final.get(f"accuracy.{d['name']}", final.get("accuracy")),
                                      "bytes_up_per_update": int(g_up), "bytes_down_per_task": int(g_down)}
-                                    for d, g_up, g_down in zip(describe(self.arch.groups), *self._group_bytes())]
+                                    for d, g_up, g_down in zip(describe(self.arch.groups), *self.group_bytes)]
         if self.scorer is not None:
             summary["contribution"] = contribution_summary(self.scorer.rows, self.scenario.contribution)
         if self.scenario.personalization is not None:

@@ -704,6 +704,14 @@ class Scenario(Frozen):
             return self.aggregation.cohort
         return max(getattr(self.aggregation.strategy, "buffer_size", 1), 1)
 
+    def tier_epochs(self) -> list[int]:
+        """Each tier's local epochs: its own ``local_epochs``, or ``training.local_epochs``."""
+        return [t.local_epochs or self.training.local_epochs for t in self.fleet.tiers]
+
+    def tier_lr_scale(self) -> list[float]:
+        """Each tier's local learning rate relative to ``training.lr`` (its own ``lr``, or 1)."""
+        return [(t.lr or self.training.lr) / self.training.lr for t in self.fleet.tiers]
+
     def resolve_path(self, path: str) -> Path:
         p = Path(path).expanduser()
         return p if p.is_absolute() else Path(self.base_dir) / p
